@@ -1,0 +1,175 @@
+"""ingest: one thread per camera reads frames, stamps ``seq`` and ``ts``, and publishes to ``{P}:frames``.
+
+Back-pressure per camera (DESIGN §4): at most ``queue`` of a camera's frames wait for preprocess.
+When full, ``block`` waits, ``drop_newest`` skips the new frame, ``drop_oldest`` deletes the
+camera's oldest frame that preprocess has not read yet (atomically, so a frame is never both
+dropped and processed). Every frame is counted once in ``frames_total{stage="ingest"}``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from shared import metrics
+from shared.config import CameraConfig, OnFull
+from shared.imaging import encode
+from shared.messages import Frame
+from shared.runtime import Service
+from shared.streams import REDIS_DOWN, Names, Producer, ensure_group, group_info, parse_id
+
+from services.ingest.cameras import Backoff, SourceError, open_source
+
+STAGE = "ingest"
+SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
+
+
+class CameraWorker(threading.Thread):
+    """Reads one camera until stopped; never gives up on a camera that fails."""
+
+    def __init__(self, svc: "IngestService", cam: CameraConfig):
+        super().__init__(name=f"camera-{cam.id}", daemon=True)
+        self.svc, self.cam = svc, cam
+        self.producer = Producer(svc.r, svc.names.frames, maxlen=svc.cfg.streams.frames_maxlen)
+        self.waiting: deque[str] = deque()  # ids of this camera's frames not yet read by preprocess
+        self.seq = self.seq_end = 0
+        self.frames_read = 0
+        self.log = svc.log.getChild(cam.id)
+        self._fps_t, self._fps_n = time.monotonic(), 0
+
+    def run(self) -> None:
+        stop, cam = self.svc.stop, self.cam
+        backoff = Backoff(base=0.5, cap=30.0)
+        source = open_source(cam.source, fps=cam.fps, loop=cam.loop)
+        opened = False
+        next_t = time.monotonic()
+        while not stop.is_set():
+            if cam.max_frames is not None and self.frames_read >= cam.max_frames:
+                self.log.info("camera %s: read its %d frames", cam.id, cam.max_frames)
+                break
+            try:
+                if not opened:
+                    source.open()
+                    opened = True
+                    metrics.CAMERA_UP.labels(camera=cam.id).set(1)
+                    backoff.reset()
+                image = source.read()
+            except SourceError as e:
+                metrics.CAMERA_UP.labels(camera=cam.id).set(0)
+                metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
+                delay = backoff.next()
+                self.log.warning("camera %s: %s; reconnecting in %.1f s", cam.id, e, delay)
+                source.close()
+                opened = False
+                metrics.CAMERA_RECONNECTS.labels(camera=cam.id).inc()
+                stop.wait(delay)
+                continue
+            if image is None:
+                self.log.info("camera %s: source ended", cam.id)
+                break
+            self.publish(image)
+            if not source.live:  # files, folders and synthetic scenes are paced to the configured fps
+                next_t = max(next_t + 1.0 / cam.fps, time.monotonic() - 1.0)
+                stop.wait(max(0.0, next_t - time.monotonic()))
+        source.close()
+        metrics.CAMERA_UP.labels(camera=cam.id).set(0)
+        metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
+
+    # --- one frame ------------------------------------------------------------------
+    def publish(self, image) -> None:
+        cam = self.cam
+        self.frames_read += 1
+        metrics.FRAMES.labels(camera=cam.id, stage=STAGE).inc()
+        self._tick_fps()
+        ts = time.time_ns()
+        enc, data = encode(image, cam.jpeg_quality)
+        while not self.svc.stop.is_set():
+            try:
+                refused = self.make_room()
+                if refused:
+                    metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason=refused).inc()
+                    return
+                frame = Frame(camera=cam.id, seq=self.next_seq(), ts=ts, enc=enc, shape=image.shape,
+                              dtype=str(image.dtype), data=data)
+                self.waiting.append(self.producer.add(frame.to_msgpack(), cam=cam.id))
+                return
+            except REDIS_DOWN as e:
+                self.log.warning("camera %s: Redis unavailable (%s); holding the frame", cam.id, e)
+                self.svc.stop.wait(1.0)
+        metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="shutdown").inc()
+
+    def next_seq(self) -> int:
+        if self.seq >= self.seq_end:
+            self.seq_end = int(self.svc.r.hincrby(f"{self.svc.names.prefix}:seq", self.cam.id, SEQ_BLOCK))
+            self.seq = self.seq_end - SEQ_BLOCK
+        self.seq += 1
+        return self.seq - 1
+
+    def make_room(self) -> str | None:
+        """Apply the camera's ``on_full`` policy; returns the reason when the new frame is dropped."""
+        cam = self.cam
+        while len(self.waiting) >= cam.queue:
+            self.forget_delivered()
+            if len(self.waiting) < cam.queue:
+                break
+            if cam.on_full is OnFull.block:
+                if self.svc.stop.wait(0.005):
+                    return "shutdown"
+            elif cam.on_full is OnFull.drop_newest:
+                return "queue_full"
+            else:
+                oldest = self.waiting.popleft()
+                gone = self.producer.drop_if_undelivered(oldest, Names.PREPROCESS)
+                if gone == 1:
+                    metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="queue_full").inc()
+                elif gone == 0:
+                    metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="trimmed").inc()
+        return None
+
+    def forget_delivered(self) -> None:
+        info = group_info(self.svc.r, self.svc.names.frames, Names.PREPROCESS)
+        last = parse_id(info["last-delivered-id"]) if info else (0, 0)
+        while self.waiting and parse_id(self.waiting[0]) <= last:
+            self.waiting.popleft()
+
+    def _tick_fps(self) -> None:
+        self._fps_n += 1
+        now = time.monotonic()
+        if now - self._fps_t >= 2.0:
+            metrics.CAMERA_FPS.labels(camera=self.cam.id).set(self._fps_n / (now - self._fps_t))
+            self._fps_t, self._fps_n = now, 0
+
+
+class IngestService(Service):
+    name = "ingest"
+
+    def __init__(self, cfg, **kw):
+        super().__init__(cfg, **kw)
+        self.workers: list[CameraWorker] = []
+        for cam in cfg.cameras:
+            metrics.precreate_camera(cam.id, (STAGE,))
+            metrics.CAMERA_UP.labels(camera=cam.id).set(0)
+            metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
+            metrics.CAMERA_RECONNECTS.labels(camera=cam.id)
+            for reason in ("queue_full", "trimmed", "shutdown"):
+                metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason=reason)
+
+    def setup(self) -> None:
+        ensure_group(self.r, self.names.frames, Names.PREPROCESS)  # so frames published before preprocess starts wait
+        if not self.workers:
+            self.workers = [CameraWorker(self, cam) for cam in self.cfg.cameras]
+            for w in self.workers:
+                w.start()
+            self.log.info("reading %d camera(s): %s", len(self.workers), ", ".join(c.id for c in self.cfg.cameras))
+
+    def step(self) -> None:
+        self.r.ping()  # keeps /readyz honest while the camera threads do the work
+        self.stop.wait(0.5)
+
+    def streams(self) -> set[str]:
+        return {self.names.frames}
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.join(timeout=5)

@@ -1,0 +1,122 @@
+"""preprocess: decode frames, apply the camera's ROI, resize for each task and route to ``{P}:prepared:<task>``.
+
+Stays uint8 (radiometric thermal frames stay uint16 at their own resolution so that the
+temperatures stay exact); normalisation happens on the inference device. Pauses while an
+inference group already has ``streams.prepared_backlog`` entries waiting, so back-pressure
+reaches the cameras' ``on_full`` policies instead of growing a queue.
+"""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+
+from shared import metrics
+from shared.config import CameraConfig
+from shared.imaging import crop, decode_frame, letterbox, stretch
+from shared.messages import DecodeError, Frame, Prepared
+from shared.models import input_size_for
+from shared.runtime import Service
+from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer, ensure_group, group_lag
+
+STAGE = "preprocess"
+SPATIAL = ("detect", "segment")  # letterboxed so boxes and masks map back exactly
+
+
+def prepare(image: np.ndarray, cam: CameraConfig, task: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple, tuple]:
+    """(prepared image, letterbox (scale, pad_x, pad_y), roi used) for one task; DecodeError if the pixels don't fit."""
+    region, roi = crop(image, cam.roi)
+    if task == "thermal":
+        if region.dtype == np.uint8 and region.shape[2] == 3:  # an 8-bit IR picture: the CNN estimates
+            region = cv2.cvtColor(region, cv2.COLOR_RGB2GRAY)[:, :, None]
+        return np.ascontiguousarray(region), (1.0, 0, 0), roi
+    if region.dtype != np.uint8:
+        raise DecodeError(f"camera {cam.id}: a {region.dtype} frame cannot feed the {task} network (needs 8-bit RGB)")
+    if region.shape[2] == 1:
+        region = cv2.cvtColor(region, cv2.COLOR_GRAY2RGB)
+    if task in SPATIAL:
+        out, box = letterbox(region, size)
+        return out, box, roi
+    out, _ = stretch(region, size)
+    return out, (1.0, 0, 0), roi
+
+
+class PreprocessService(Service):
+    name = "preprocess"
+
+    def __init__(self, cfg, **kw):
+        super().__init__(cfg, **kw)
+        self.cameras = {c.id: c for c in cfg.cameras}
+        self.tasks = cfg.tasks()
+        self.sizes = {t: input_size_for(t, cfg.model(t)) for t in self.tasks}
+        s = cfg.streams
+        self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
+        self.reader = GroupReader(self.r, self.names.frames, Names.PREPROCESS, self.consumer, dead=self.dead,
+                                  count=16, block_ms=s.read_block_ms, claim_idle_ms=s.claim_idle_ms,
+                                  max_deliveries=s.max_deliveries, max_bytes=s.max_message_bytes)
+        self.out = {t: Producer(self.r, self.names.prepared(t), maxlen=s.prepared_maxlen) for t in self.tasks}
+        metrics.precreate_stage(STAGE, ("decode_error", "max_deliveries", "oversized", "unknown_camera"))
+        for cam in cfg.cameras:
+            metrics.precreate_camera(cam.id, (STAGE,))
+            metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="stale")
+
+    def setup(self) -> None:
+        self.reader.setup()
+        for t in self.tasks:
+            ensure_group(self.r, self.names.prepared(t), Names.infer_group(t))
+
+    def streams(self) -> set[str]:
+        return {self.names.frames, *(self.names.prepared(t) for t in self.tasks)}
+
+    def backlogged(self) -> bool:
+        limit = self.cfg.streams.prepared_backlog
+        return any(group_lag(self.r, self.names.prepared(t), Names.infer_group(t), limit + 1) >= limit
+                   for t in self.tasks)
+
+    def step(self) -> None:
+        if self.backlogged():
+            self.stop.wait(0.01)
+            return
+        entries = self.reader.read()
+        if not entries:
+            return
+        box = Outbox(self.r)
+        for entry in entries:
+            self.handle(entry, box)
+        self.reader.ack(box, [e.id for e in entries])
+        box.commit()
+
+    def handle(self, entry, box: Outbox) -> None:
+        t0 = time.perf_counter()
+        try:
+            frame = Frame.from_msgpack(entry.payload, self.cfg.streams.max_message_bytes)
+        except DecodeError as e:
+            self.dead.add(box, self.names.frames, entry, "decode_error", str(e))
+            return
+        cam = self.cameras.get(frame.camera)
+        if cam is None:
+            self.dead.add(box, self.names.frames, entry, "unknown_camera", f"camera {frame.camera!r} is not configured")
+            return
+        if cam.max_age_ms and (time.time_ns() - frame.ts) / 1e6 > cam.max_age_ms:
+            box.on_commit(lambda: metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="stale").inc())
+            return
+        try:
+            image = decode_frame(frame)
+            prepared = [(task, *prepare(image, cam, task, self.sizes[task])) for task in cam.tasks]
+        except DecodeError as e:
+            self.dead.add(box, self.names.frames, entry, "decode_error", str(e))
+            return
+        spent = time.perf_counter() - t0
+        for task, img, lb, roi in prepared:
+            msg = Prepared(camera=cam.id, seq=frame.seq, ts=frame.ts, task=task, frame_id=entry.id,
+                           shape=img.shape, dtype=str(img.dtype), data=img.tobytes(),
+                           orig=frame.shape[:2], letterbox=lb, roi=roi, t={STAGE: spent})
+            self.out[task].add(msg.to_msgpack(), cam=cam.id, task=task, box=box)
+
+        def count():
+            metrics.FRAMES.labels(camera=cam.id, stage=STAGE).inc()
+            metrics.STAGE_SECONDS.labels(stage=STAGE).observe(spent)
+
+        box.on_commit(count)

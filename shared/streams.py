@@ -1,0 +1,321 @@
+"""The one stream helper: names, connection, producer, consumer-group reader, dead letters (DESIGN §2).
+
+Every entry has the msgpack message in field ``m`` plus readable ``cam`` and ``task`` fields.
+A reader acknowledges an entry only in the same MULTI as the output it wrote for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import redis
+
+from shared import metrics
+from shared.config import Config, RedisConfig
+
+log = logging.getLogger("plantsight.streams")
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionRefusedError, OSError)
+
+
+class Names:
+    """Stream and group names for one prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.frames = f"{prefix}:frames"
+        self.results = f"{prefix}:results"
+        self.alerts = f"{prefix}:alerts"
+        self.deadletter = f"{prefix}:deadletter"
+
+    def prepared(self, task: str) -> str:
+        return f"{self.prefix}:prepared:{task}"
+
+    @staticmethod
+    def infer_group(task: str) -> str:
+        return f"infer-{task}"
+
+    PREPROCESS = "preprocess"
+    ALERT = "alert"
+
+    def all(self, tasks: Iterable[str]) -> list[tuple[str, str | None]]:
+        """(stream, group) of every stream a pipeline with these tasks uses."""
+        out = [(self.frames, self.PREPROCESS)]
+        out += [(self.prepared(t), self.infer_group(t)) for t in tasks]
+        out += [(self.results, self.ALERT), (self.alerts, None), (self.deadletter, None)]
+        return out
+
+
+def connect(cfg: RedisConfig) -> redis.Redis:
+    """A client for the configured Redis (password from env/file, TLS with an optional CA)."""
+    kwargs = dict(socket_timeout=cfg.socket_timeout_s, socket_connect_timeout=cfg.socket_timeout_s,
+                  health_check_interval=10)
+    secret = cfg.secret()
+    if secret:
+        kwargs["password"] = secret
+    if cfg.url.startswith("rediss://") and cfg.tls_ca_file:
+        kwargs["ssl_ca_certs"] = str(cfg.tls_ca_file)
+    return redis.Redis.from_url(cfg.url, **kwargs)
+
+
+def ensure_group(r: redis.Redis, stream: str, group: str) -> None:
+    """Create the group at the start of the stream (so nothing written before a consumer starts is missed)."""
+    try:
+        r.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def group_info(r: redis.Redis, stream: str, group: str) -> dict | None:
+    try:
+        groups = r.xinfo_groups(stream)
+    except redis.ResponseError:  # no such stream yet
+        return None
+    for g in groups:
+        if _s(g["name"]) == group:
+            return {k: (_s(v) if isinstance(v, bytes) else v) for k, v in g.items()}
+    return None
+
+
+def group_lag(r: redis.Redis, stream: str, group: str, limit: int = 10000) -> int:
+    """Entries not yet delivered to the group (Redis 7 ``lag``; counted with XRANGE on 6.2), capped at limit."""
+    info = group_info(r, stream, group)
+    if info is None:
+        return int(r.xlen(stream))
+    if info.get("lag") is not None:
+        return int(info["lag"])
+    after = r.xrange(stream, min="(" + info["last-delivered-id"], max="+", count=limit)
+    return len(after)
+
+
+_DROP_IF_UNDELIVERED = """
+local ld = '0-0'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return 0 end
+for _, g in ipairs(groups) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  if name == ARGV[2] then ld = last end
+end
+local ams, aseq = string.match(ARGV[1], '^(%d+)-(%d+)$')
+local bms, bseq = string.match(ld, '^(%d+)-(%d+)$')
+ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+if ams > bms or (ams == bms and aseq > bseq) then return redis.call('XDEL', KEYS[1], ARGV[1]) end
+return -1
+"""
+
+
+class Producer:
+    """XADD with ``MAXLEN ~`` (or ``MINID ~`` by age) and the readable side fields."""
+
+    def __init__(self, r: redis.Redis, stream: str, *, maxlen: int | None = None, max_age_s: int | None = None):
+        self.r, self.stream, self.maxlen, self.max_age_s = r, stream, maxlen, max_age_s
+        self._drop = r.register_script(_DROP_IF_UNDELIVERED)
+
+    def fields(self, payload: bytes, cam: str | None = None, task: str | None = None) -> dict:
+        f = {"m": payload}
+        if cam:
+            f["cam"] = cam
+        if task:
+            f["task"] = task
+        return f
+
+    def add(self, payload: bytes, cam: str | None = None, task: str | None = None,
+            box: "Outbox | None" = None) -> str | None:
+        """XADD now (returns the id) or queued in ``box`` (returns None)."""
+        target = box.pipe if box is not None else self.r
+        kw = {}
+        if self.maxlen:
+            kw = {"maxlen": self.maxlen, "approximate": True}
+        elif self.max_age_s:
+            kw = {"minid": f"{int((time.time() - self.max_age_s) * 1000)}-0", "approximate": True}
+        out = target.xadd(self.stream, self.fields(payload, cam, task), **kw)
+        return None if box is not None else _s(out)
+
+    def drop_if_undelivered(self, entry_id: str, group: str) -> int:
+        """Atomically delete an entry the group has not read yet: 1 deleted, 0 gone already, -1 delivered."""
+        return int(self._drop(keys=[self.stream], args=[entry_id, group]))
+
+
+@dataclass
+class Entry:
+    id: str
+    fields: dict
+    deliveries: int = 1
+
+    @property
+    def payload(self) -> bytes | None:
+        return self.fields.get(b"m")
+
+    @property
+    def camera(self) -> str:
+        return _s(self.fields.get(b"cam", b""))
+
+
+class Outbox:
+    """One MULTI/EXEC of outputs and acks; metric updates run only once it has been written."""
+
+    def __init__(self, r: redis.Redis):
+        self.pipe = r.pipeline(transaction=True)
+        self._after: list = []
+
+    def on_commit(self, fn) -> None:
+        self._after.append(fn)
+
+    def commit(self) -> None:
+        if len(self.pipe):
+            self.pipe.execute()
+        for fn in self._after:
+            fn()
+
+
+class DeadLetters:
+    """Writes entries nobody can process to ``{P}:deadletter`` with the reason, and counts them."""
+
+    KEEP_BYTES = 1 << 20
+
+    def __init__(self, r: redis.Redis, names: Names, max_age_s: int, stage: str):
+        self.producer = Producer(r, names.deadletter, max_age_s=max_age_s)
+        self.stage = stage
+
+    def add(self, box: Outbox, source_stream: str, entry: Entry | None, reason: str, detail: str = "") -> None:
+        """Queue the dead letter in ``box`` (the caller acks the entry in the same transaction)."""
+        payload = (entry.payload or b"") if entry else b""
+        fields = {"stage": self.stage, "reason": reason, "detail": detail[:500], "stream": source_stream,
+                  "id": entry.id if entry else "", "cam": entry.camera if entry else "",
+                  "m": payload[: self.KEEP_BYTES], "truncated": int(len(payload) > self.KEEP_BYTES)}
+        kw = {"minid": f"{int((time.time() - self.producer.max_age_s) * 1000)}-0", "approximate": True}
+        box.pipe.xadd(self.producer.stream, fields, **kw)
+        cam = entry.camera if entry else ""
+
+        def count():
+            metrics.DEADLETTER.labels(stage=self.stage, reason=reason).inc()
+            if cam:
+                metrics.DROPPED.labels(camera=cam, stage=self.stage, reason="deadletter").inc()
+
+        box.on_commit(count)
+        log.warning("dead letter from %s entry %s: %s %s", source_stream, entry.id if entry else "-", reason, detail[:200])
+
+
+class GroupReader:
+    """Reads batches for one consumer of a group; claims idle pending entries; dead-letters poison."""
+
+    def __init__(self, r: redis.Redis, stream: str, group: str, consumer: str, *, dead: DeadLetters,
+                 count: int, block_ms: int, claim_idle_ms: int, max_deliveries: int, max_bytes: int):
+        self.r, self.stream, self.group, self.consumer = r, stream, group, consumer
+        self.dead, self.count, self.block_ms = dead, count, block_ms
+        self.claim_idle_ms, self.max_deliveries, self.max_bytes = claim_idle_ms, max_deliveries, max_bytes
+        self._next_claim = 0.0
+
+    def setup(self) -> None:
+        ensure_group(self.r, self.stream, self.group)
+        self._next_claim = 0.0  # claim at start: a predecessor may have left work pending
+
+    def read(self, count: int | None = None, block_ms: int | None = None) -> list[Entry]:
+        """Up to ``count`` entries: idle pending entries of any consumer first, then new ones."""
+        count = count or self.count
+        entries = self._claim(count) if time.monotonic() >= self._next_claim else []
+        if not entries:
+            reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
+                                      block=self.block_ms if block_ms is None else block_ms)
+            for _stream, items in reply or []:
+                entries += [Entry(_s(i), f) for i, f in items]
+        return self._screen(entries)
+
+    def _claim(self, count: int) -> list[Entry]:
+        self._next_claim = time.monotonic() + self.claim_idle_ms / 4000
+        reply = self.r.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
+                                  start_id="0-0", count=count)
+        claimed, deleted = reply[1], (reply[2] if len(reply) > 2 else [])
+        entries, gone = [], [_s(i) for i in deleted]
+        for item in claimed:
+            if item is None or item[1] is None:  # 6.2 returns nil bodies for trimmed entries
+                if item is not None:
+                    gone.append(_s(item[0]))
+                continue
+            entries.append(Entry(_s(item[0]), item[1]))
+        if gone:  # trimmed before anyone processed them: account and forget
+            box = Outbox(self.r)
+            for i in gone:
+                self.dead.add(box, self.stream, Entry(i, {}), "trimmed", "entry trimmed from the stream while pending")
+            box.pipe.xack(self.stream, self.group, *gone)
+            box.commit()
+        if entries:
+            pend = self.r.xpending_range(self.stream, self.group, min=entries[0].id, max=entries[-1].id,
+                                         count=len(entries) * 2, consumername=self.consumer)
+            counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pend}
+            for e in entries:
+                e.deliveries = counts.get(e.id, 1)
+            log.info("claimed %d idle pending entries of %s/%s", len(entries), self.stream, self.group)
+        return entries
+
+    def _screen(self, entries: list[Entry]) -> list[Entry]:
+        """Dead-letter entries delivered too often or without a payload; return the rest."""
+        good, bad = [], []
+        for e in entries:
+            if e.deliveries > self.max_deliveries:
+                bad.append((e, "max_deliveries", f"delivered {e.deliveries} times"))
+            elif not e.payload:
+                bad.append((e, "no_payload", "entry has no 'm' field"))
+            elif len(e.payload) > self.max_bytes:
+                bad.append((e, "oversized", f"{len(e.payload)} bytes > limit {self.max_bytes}"))
+            else:
+                good.append(e)
+        if bad:
+            box = Outbox(self.r)
+            for e, reason, detail in bad:
+                self.dead.add(box, self.stream, e, reason, detail)
+            box.pipe.xack(self.stream, self.group, *[e.id for e, _, _ in bad])
+            box.commit()
+        return good
+
+    def ack(self, box: Outbox, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        if ids:
+            box.pipe.xack(self.stream, self.group, *ids)
+
+    def reject(self, box: Outbox, entry: Entry, reason: str, detail: str) -> None:
+        """Dead-letter one entry and acknowledge it, in ``box``."""
+        self.dead.add(box, self.stream, entry, reason, detail)
+        box.pipe.xack(self.stream, self.group, entry.id)
+
+
+def stream_stats(r: redis.Redis, names: Names, tasks: Iterable[str]) -> list[dict]:
+    """Length, lag, pending and (for the dead-letter stream) size of every pipeline stream."""
+    rows = []
+    for stream, group in names.all(tasks):
+        length = int(r.xlen(stream))
+        row = {"stream": stream, "group": group, "length": length, "lag": None, "pending": None}
+        if group:
+            info = group_info(r, stream, group)
+            if info is not None:
+                row["pending"] = int(info.get("pending", 0))
+                row["lag"] = group_lag(r, stream, group)
+        rows.append(row)
+    return rows
+
+
+def publish_stream_metrics(r: redis.Redis, names: Names, cfg: Config, streams: set[str]) -> list[dict]:
+    """Set the stream gauges for the streams this service touches."""
+    rows = [row for row in stream_stats(r, names, cfg.tasks()) if row["stream"] in streams]
+    for row in rows:
+        metrics.STREAM_LENGTH.labels(stream=row["stream"]).set(row["length"])
+        if row["group"] and row["lag"] is not None:
+            metrics.CONSUMER_LAG.labels(stream=row["stream"], group=row["group"]).set(row["lag"])
+            metrics.CONSUMER_PENDING.labels(stream=row["stream"], group=row["group"]).set(row["pending"])
+    return rows
