@@ -1,0 +1,75 @@
+"""Process-state classifiers: the chapter's SimpleCNN and torchvision transfer networks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .registry import ModelError, register
+
+INPUT_SIZE = (224, 224)
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+
+class SimpleCNN(nn.Module):
+    """Three conv blocks 3→32→64→128, then FC 512 → num_classes (the book chapter's network)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] = INPUT_SIZE):
+        super().__init__()
+        self.features = nn.Sequential(_block(in_channels, 32), _block(32, 64), _block(64, 128))
+        h, w = input_size[0] // 8, input_size[1] // 8
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * h * w, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register("simple_cnn", task="classify", input_size=INPUT_SIZE)
+def simple_cnn(num_classes: int, input_size: tuple[int, int] = INPUT_SIZE) -> nn.Module:
+    return SimpleCNN(num_classes, input_size=tuple(input_size))
+
+
+def _load_imagenet(model: nn.Module, pretrained: str | Path) -> None:
+    path = Path(pretrained)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:  # torch raises several types (OSError, UnpicklingError, RuntimeError) for a bad file
+        raise ModelError(f"{path}: cannot load ImageNet weights: {e}") from e
+
+
+def _transfer(model: nn.Module, head: str, num_classes: int, pretrained, freeze: bool) -> nn.Module:
+    # Load the ImageNet state dict while the 1000-class head still matches, then replace it.
+    if pretrained is not None:
+        _load_imagenet(model, pretrained)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    parent_name, _, attr = head.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))  # new head: trainable even when frozen
+    return model
+
+
+@register("resnet18", task="classify", input_size=INPUT_SIZE)
+def resnet18(num_classes: int, pretrained: str | Path | None = None, freeze: bool = False) -> nn.Module:
+    return _transfer(torchvision.models.resnet18(weights=None), "fc", num_classes, pretrained, freeze)
+
+
+@register("resnet50", task="classify", input_size=INPUT_SIZE)
+def resnet50(num_classes: int, pretrained: str | Path | None = None, freeze: bool = False) -> nn.Module:
+    return _transfer(torchvision.models.resnet50(weights=None), "fc", num_classes, pretrained, freeze)
+
+
+@register("efficientnet_b0", task="classify", input_size=INPUT_SIZE)
+def efficientnet_b0(num_classes: int, pretrained: str | Path | None = None, freeze: bool = False) -> nn.Module:
+    return _transfer(torchvision.models.efficientnet_b0(weights=None), "classifier.1", num_classes, pretrained, freeze)

@@ -1,0 +1,134 @@
+"""Predictor: one model on one device, turning a batch of prepared frames into result `out` dicts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .detect import decode_yolo
+from .modeldir import ModelMeta, build_for, default_meta, load_model_dir
+from .registry import ModelError
+from .thermal import find_hotspots, radiometric_stats, to_kelvin
+
+# Thermal frames that arrive as centikelvin integers (DESIGN §3); uint8 ones carry no temperature.
+_RADIOMETRIC = (torch.uint16, torch.int16, torch.int32, torch.int64)
+
+
+class Predictor:
+    """Runs one task's model; `predict` takes [B, H, W, C] frames already on `device`."""
+
+    def __init__(self, model: nn.Module, meta: ModelMeta, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.task, self.arch, self.version = meta.task, meta.arch, meta.version
+        c = meta.channels
+        mean = torch.tensor(meta.normalisation["mean"], dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        std = torch.tensor(meta.normalisation["std"], dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        # uint8 → (x/255 − mean)/std folded into one multiply-add on the device.
+        self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
+        self._kmean, self._kstd = mean, std
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}@{self.version}"
+
+    @classmethod
+    def from_spec(cls, task: str, *, path: str | None = None, arch: str | None = None, device: str = "cpu") -> "Predictor":
+        """A trained model directory (`path`), or else an untrained `arch` with default metadata."""
+        if path is not None:
+            model, meta = load_model_dir(path, device)
+            if arch is not None and arch != meta.arch:
+                raise ModelError(f"{path}: holds a {meta.arch!r} model, but arch {arch!r} was asked for")
+            where = str(path)
+        elif arch is not None:
+            meta = default_meta(arch)
+            model, where = build_for(meta), f"architecture {arch!r}"
+        else:
+            raise ModelError(f"model for task {task!r}: give a model directory path or an architecture name")
+        if meta.task != task:
+            raise ModelError(f"{where}: is a {meta.task} model, not a {task} model")
+        return cls(model, meta, device)
+
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.meta.input_size)
+
+    def _check(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dim() != 4 or batch.shape[-1] != self.meta.channels:
+            raise ValueError(f"{self.name}: expected a [B, H, W, {self.meta.channels}] batch, got {list(batch.shape)}")
+        if self.task != "thermal":
+            if batch.dtype != torch.uint8:
+                raise ValueError(f"{self.name}: expected uint8 frames, got {batch.dtype}")
+            if tuple(batch.shape[1:3]) != self.input_size():
+                raise ValueError(f"{self.name}: expected {self.input_size()} frames, got {tuple(batch.shape[1:3])}")
+        elif batch.dtype != torch.uint8 and batch.dtype not in _RADIOMETRIC:
+            raise ValueError(f"{self.name}: expected uint8 or uint16 centikelvin frames, got {batch.dtype}")
+        return batch.to(self.device, non_blocking=True)
+
+    def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        # permute is a view: the NHWC → NCHW change happens on the device, not in preprocess.
+        return batch.permute(0, 3, 1, 2).to(torch.float32) * self._scale + self._shift
+
+    def predict(self, batch: torch.Tensor) -> list[dict]:
+        """One result `out` dict per image, in the prepared image's pixels, with plain Python/numpy values."""
+        batch = self._check(batch)
+        if batch.shape[0] == 0:
+            return []
+        with torch.inference_mode():
+            return getattr(self, f"_{self.task}")(batch)
+
+    def _classify(self, batch: torch.Tensor) -> list[dict]:
+        probs = self.model(self._normalise(batch)).float().softmax(1)
+        index = probs.argmax(1)
+        classes = list(self.meta.classes)
+        probs, index = probs.cpu().tolist(), index.cpu().tolist()
+        return [
+            {"label": classes[i] if i < len(classes) else str(i), "index": i, "probs": p, "classes": classes}
+            for i, p in zip(index, probs)
+        ]
+
+    def _detect(self, batch: torch.Tensor) -> list[dict]:
+        raw = self.model(self._normalise(batch))
+        th = self.meta.thresholds
+        dets = decode_yolo(raw, th["conf"], th["iou"], tuple(batch.shape[1:3]),
+                           boxes=int(self.meta.options.get("boxes", 2)))
+        counts = [len(d) for d in dets]
+        rows = torch.cat(dets).cpu().tolist()  # one device→host copy for the batch
+        classes, out, start = list(self.meta.classes), [], 0
+        for n in counts:
+            out.append({"boxes": [[*r[:5], int(r[5])] for r in rows[start:start + n]], "classes": classes})
+            start += n
+        return out
+
+    def _segment(self, batch: torch.Tensor) -> list[dict]:
+        prob = self.model(self._normalise(batch)).float().sigmoid()[:, 0]
+        masks = (prob > self.meta.thresholds["mask"]).to(torch.uint8).cpu().numpy()
+        prob_max = prob.amax((1, 2)).cpu().tolist()
+        return [{"mask": m, "prob_max": p} for m, p in zip(masks, prob_max)]
+
+    def _thermal(self, batch: torch.Tensor) -> list[dict]:
+        x = batch[..., 0]
+        radiometric = batch.dtype in _RADIOMETRIC
+        if radiometric:
+            # float64 keeps centikelvin/100 exact enough for the statistics; mps has no float64.
+            dt = torch.float32 if self.device.type == "mps" else torch.float64
+            kelvin = x.to(dt) / 100.0
+            net_in = ((kelvin - self._kmean[0]) / self._kstd[0]).to(torch.float32)
+        else:
+            # A uint8 frame has no temperature scale: read 0..255 as 0..1 of the normalised range.
+            net_in = x.to(torch.float32) / 255.0
+        net_in = net_in.unsqueeze(1)
+        if tuple(net_in.shape[2:]) != self.input_size():
+            net_in = F.interpolate(net_in, size=self.input_size(), mode="bilinear", align_corners=False, antialias=True)
+        cnn = to_kelvin(self.model(net_in).float()).cpu().tolist()
+        if not radiometric:
+            return [
+                {"max_k": c[0], "avg_k": c[1], "min_k": c[2], "hotspots": [], "source": "cnn", "cnn": c} for c in cnn
+            ]
+        stats = radiometric_stats(kelvin).cpu().tolist()
+        spots = find_hotspots(kelvin, float(self.meta.thresholds["hotspot_k"]))
+        return [
+            {"max_k": s[0], "avg_k": s[1], "min_k": s[2], "hotspots": h, "source": "radiometric", "cnn": c}
+            for s, h, c in zip(stats, spots, cnn)
+        ]
