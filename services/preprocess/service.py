@@ -50,7 +50,7 @@ class PreprocessService(Service):
         super().__init__(cfg, **kw)
         self.cameras = {c.id: c for c in cfg.cameras}
         self.tasks = cfg.tasks()
-        self.sizes = {t: input_size_for(t, cfg.model(t)) for t in self.tasks}
+        self.sizes = {t: input_size_for(t, path=cfg.model(t).path, arch=cfg.model(t).arch) for t in self.tasks}
         s = cfg.streams
         self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
         self.reader = GroupReader(self.r, self.names.frames, Names.PREPROCESS, self.consumer, dead=self.dead,

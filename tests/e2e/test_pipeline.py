@@ -1,0 +1,145 @@
+"""The whole pipeline as real processes (`plantsight up`) on a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+
+from shared.imaging import encode
+from shared.messages import Frame, Prepared
+from tests.e2e.conftest import per_key
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+DESIGN_METRICS = ("frames_total", "frames_dropped_total", "stream_length", "consumer_lag", "consumer_pending",
+                  "stage_seconds", "end_to_end_seconds", "batch_size", "inference_seconds", "camera_up",
+                  "camera_reconnects_total", "camera_fps", "alerts_total", "sink_deliveries_total",
+                  "deadletter_total", "model_info")
+
+FRAMES = {"classify": 6, "detect": 3, "segment": 3, "thermal": 6}
+SCENE = {"classify": "process", "detect": "equipment", "segment": "surface", "thermal": "thermal"}
+
+
+def groups_idle(r, prefix: str, tasks) -> bool:
+    """Nothing undelivered and nothing pending in any consumer group of the pipeline."""
+    pairs = [(f"{prefix}:frames", "preprocess"), (f"{prefix}:results", "alert")]
+    pairs += [(f"{prefix}:prepared:{t}", f"infer-{t}") for t in tasks]
+    for stream, group in pairs:
+        for g in r.xinfo_groups(stream):
+            if g["name"].decode() == group:
+                undelivered = r.xrange(stream, min="(" + g["last-delivered-id"].decode(), max="+", count=1)
+                if g["pending"] or undelivered:
+                    return False
+    return True
+
+
+def test_every_frame_gets_exactly_one_result_per_task(up_pipeline, r):
+    cams = [{"id": f"{task}-{i}", "source": f"synthetic://{SCENE[task]}?seed={i}", "fps": 20, "tasks": [task],
+             "on_full": "block", "max_frames": n, "queue": 2}
+            for task, n in FRAMES.items() for i in (1, 2)]
+    up = up_pipeline(cams, alerts={"rules": [{"name": "warm", "task": "thermal", "when": "max_k > 0",
+                                              "for_frames": 2, "cooldown_s": 0, "severity": "info",
+                                              "sinks": ["console"]}],
+                                   "sinks": [{"name": "console", "type": "log"}]})
+    expected = {(c["id"], seq, c["tasks"][0]) for c in cams for seq in range(c["max_frames"])}
+    up.wait_for(lambda: len(up.results()) >= len(expected), 300, f"{len(expected)} results")
+    up.wait_for(lambda: groups_idle(r, up.prefix, FRAMES), 30, "all groups drained")
+
+    # Every service answers on its port with the DESIGN §5 metrics, /healthz and /readyz.
+    text = ""
+    for service in ("ingest", "preprocess", "infer", "alert"):
+        base = f"http://127.0.0.1:{up.port(service)}"
+        assert httpx.get(base + "/healthz", timeout=5).status_code == 200, service
+        assert httpx.get(base + "/readyz", timeout=5).status_code == 200, service
+        text += httpx.get(base + "/metrics", timeout=5).text
+    missing = [m for m in DESIGN_METRICS if f"plantsight_{m}" not in text]
+    assert not missing, f"metrics not exported: {missing}"
+
+    counts = per_key(up.results())
+    assert set(counts) == expected
+    assert max(counts.values()) == 1
+    # Results are in original-image coordinates and carry the model name@version.
+    for m in up.results():
+        assert m["model"].endswith("@untrained")
+        if m["task"] == "detect":
+            assert all(0 <= b[0] <= b[2] and 0 <= b[1] <= b[3] for b in m["out"]["boxes"])
+        if m["task"] == "thermal":
+            assert m["out"]["source"] == "radiometric" and m["out"]["min_k"] <= m["out"]["avg_k"] <= m["out"]["max_k"]
+    # The always-true rule fired once per thermal camera (one episode, not one alert per frame).
+    alerts = [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(f"{up.prefix}:alerts")]
+    assert sorted(a["camera"] for a in alerts if a["state"] == "firing") == ["thermal-1", "thermal-2"]
+    assert up.counter("alert", "plantsight_alerts_total", rule="warm") == 2
+    assert up.stop() == 0
+
+
+def test_published_equals_processed_plus_dropped_with_a_slow_consumer(up_pipeline, r):
+    """drop_oldest on a camera far faster than the detector: every frame is processed or counted as dropped."""
+    n = 30
+    cams = [{"id": "fast", "source": "synthetic://equipment", "fps": 30, "tasks": ["detect"],
+             "on_full": "drop_oldest", "max_frames": n, "queue": 2}]
+    up = up_pipeline(cams, inference={"device": "cpu", "max_batch": 1, "max_wait_ms": 0, "threads": 1},
+                     streams={"prepared_backlog": 1})
+    up.wait_for(lambda: up.counter("ingest", "plantsight_frames_total", camera="fast", stage="ingest") == n,
+                120, "all frames captured")
+    up.wait_for(lambda: groups_idle(r, up.prefix, ["detect"]), 120, "pipeline drained")
+    published = up.counter("ingest", "plantsight_frames_total", camera="fast", stage="ingest")
+    processed = up.counter("infer", "plantsight_frames_total", camera="fast", stage="infer")
+    dropped = {service: up.counter(service, "plantsight_frames_dropped_total", camera="fast")
+               for service in ("ingest", "preprocess", "infer")}
+    assert published == n
+    assert dropped["ingest"] > 0, "the slow detector should have forced drops"
+    assert processed + sum(dropped.values()) == published, (processed, dropped)
+    assert len(up.results()) == processed
+    assert up.stop() == 0
+
+
+def _frame(camera: str, seq: int, image: np.ndarray, **over) -> bytes:
+    enc, data = encode(image)
+    fields = dict(camera=camera, seq=seq, ts=time.time_ns(), enc=enc, shape=image.shape, dtype="uint8", data=data)
+    fields.update(over)
+    return Frame(**fields).to_msgpack()
+
+
+def test_bad_input_goes_to_the_dead_letter_stream_and_processing_goes_on(up_pipeline, r):
+    cams = [{"id": "good", "source": "synthetic://process", "fps": 10, "tasks": ["classify"], "on_full": "block",
+             "max_frames": 12}]
+    up = up_pipeline(cams, streams={"max_message_bytes": 400_000})
+    frames = f"{up.prefix}:frames"
+    up.wait_for(lambda: len(up.results()) >= 2, 120, "first results")
+    image = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    good = _frame("good", 10_000, image)
+    enc, jpeg = encode(image)
+    bad = {
+        "garbage": b"\x00\xffnot msgpack at all",
+        "truncated": _frame("good", 10_001, image, data=jpeg[: len(jpeg) // 2]),
+        "wrong_shape": _frame("good", 10_002, image, shape=[100, 100, 3]),
+        "oversized": Frame(camera="good", seq=10_003, ts=time.time_ns(), enc="raw", shape=[480, 640, 3],
+                           dtype="uint8", data=bytes(480 * 640 * 3)).to_msgpack(),
+    }
+    ids = {name: r.xadd(frames, {"m": payload, "cam": "good"}).decode() for name, payload in bad.items()}
+    # A prepared message of the wrong size for the network, straight onto the infer stream.
+    wrong = Prepared(camera="good", seq=10_004, ts=time.time_ns(), task="classify", frame_id="0-1",
+                     shape=[10, 10, 3], dtype="uint8", data=bytes(300), orig=[10, 10], letterbox=[1.0, 0, 0])
+    ids["prepared"] = r.xadd(f"{up.prefix}:prepared:classify", {"m": wrong.to_msgpack(), "cam": "good"}).decode()
+    r.xadd(frames, {"m": good, "cam": "good"})
+
+    def dead():
+        return {f[b"id"].decode(): f for _, f in r.xrange(f"{up.prefix}:deadletter")}
+
+    up.wait_for(lambda: set(ids.values()) <= set(dead()), 60, "all bad entries dead-lettered")
+    letters = dead()
+    reasons = {name: letters[i][b"reason"].decode() for name, i in ids.items()}
+    assert reasons == {"garbage": "decode_error", "truncated": "decode_error", "wrong_shape": "decode_error",
+                       "oversized": "oversized", "prepared": "wrong_shape"}
+    assert b"shape" in letters[ids["wrong_shape"]][b"detail"]
+    # The good frame injected after the bad ones and the camera's own frames are still processed.
+    up.wait_for(lambda: any(m["seq"] == 10_000 for m in up.results()), 60, "the good frame after the bad ones")
+    up.wait_for(lambda: len({m["seq"] for m in up.results() if m["seq"] < 12}) == 12, 120, "the camera's frames")
+    assert up.counter("preprocess", "plantsight_deadletter_total", reason="decode_error") == 3
+    assert up.counter("preprocess", "plantsight_deadletter_total", reason="oversized") == 1
+    assert up.counter("infer", "plantsight_deadletter_total", reason="wrong_shape") == 1
+    assert up.stop() == 0
