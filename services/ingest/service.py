@@ -13,13 +13,13 @@ import time
 from collections import deque
 
 from shared import metrics
-from shared.config import CameraConfig, OnFull
+from shared.config import CameraConfig, ConfigError, OnFull
 from shared.imaging import encode
 from shared.messages import Frame
 from shared.runtime import Service
 from shared.streams import REDIS_DOWN, Names, Producer, ensure_group, group_info, parse_id
 
-from services.ingest.cameras import Backoff, SourceError, open_source
+from services.ingest.cameras import Backoff, SourceError, classify_source, open_source
 
 STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
@@ -147,7 +147,11 @@ class IngestService(Service):
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
         self.workers: list[CameraWorker] = []
-        for cam in cfg.cameras:
+        for i, cam in enumerate(cfg.cameras):
+            try:
+                classify_source(cam.source)
+            except SourceError as e:
+                raise ConfigError(f"cameras[{i}].source ({cam.id}): {e}") from None
             metrics.precreate_camera(cam.id, (STAGE,))
             metrics.CAMERA_UP.labels(camera=cam.id).set(0)
             metrics.CAMERA_FPS.labels(camera=cam.id).set(0)

@@ -1,0 +1,1 @@
+"""ingest: reads the cameras (``cameras``: the sources) and publishes frames (``service``)."""
