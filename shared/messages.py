@@ -36,7 +36,8 @@ def _shape(value: Any, name: str) -> tuple[int, ...]:
     _check(isinstance(value, (list, tuple)) and len(value) in (2, 3), f"{name} must be [h, w] or [h, w, c]")
     _check(all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_SIDE for d in value),
            f"{name} has a dimension that is not an integer in 1..{MAX_SIDE}: {value!r}")
-    _check(len(value) == 2 or value[2] in (1, 3, 4), f"{name} has {value[2]} channels (1, 3 or 4 allowed)")
+    if len(value) == 3:
+        _check(value[2] in (1, 3, 4), f"{name} has {value[2]} channels (1, 3 or 4 allowed)")
     return tuple(value)
 
 
@@ -86,7 +87,8 @@ class Message:
     @classmethod
     def from_dict(cls, obj: Any):
         _check(isinstance(obj, dict), f"{cls.kind}: top level is {type(obj).__name__}, not a map")
-        _check(obj.get("v") == VERSION, f"{cls.kind}: schema version {obj.get('v')!r} is not {VERSION}")
+        _check(type(obj.get("v")) is int and obj["v"] == VERSION,  # not True or 1.0
+               f"{cls.kind}: schema version {obj.get('v')!r} is not {VERSION}")
         kwargs = {}
         for name, (types, required) in cls.spec.items():
             if name not in obj:

@@ -52,7 +52,15 @@ class Up:
 
     def metrics(self, service: str) -> dict[tuple, float]:
         """Samples of one service's /metrics as {(name, sorted labels): value}."""
-        text = httpx.get(f"http://127.0.0.1:{self.port(service)}/metrics", timeout=5).text
+        deadline = time.monotonic() + 60  # the service may still be starting (torch import, model build)
+        while True:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{self.port(service)}/metrics", timeout=5).text
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.25)
         out = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:

@@ -120,22 +120,23 @@ def test_bad_input_goes_to_the_dead_letter_stream_and_processing_goes_on(up_pipe
         "oversized": Frame(camera="good", seq=10_003, ts=time.time_ns(), enc="raw", shape=[480, 640, 3],
                            dtype="uint8", data=bytes(480 * 640 * 3)).to_msgpack(),
     }
-    ids = {name: r.xadd(frames, {"m": payload, "cam": "good"}).decode() for name, payload in bad.items()}
+    ids = {name: (frames, r.xadd(frames, {"m": payload, "cam": "good"}).decode()) for name, payload in bad.items()}
     # A prepared message of the wrong size for the network, straight onto the infer stream.
     wrong = Prepared(camera="good", seq=10_004, ts=time.time_ns(), task="classify", frame_id="0-1",
                      shape=[10, 10, 3], dtype="uint8", data=bytes(300), orig=[10, 10], letterbox=[1.0, 0, 0])
-    ids["prepared"] = r.xadd(f"{up.prefix}:prepared:classify", {"m": wrong.to_msgpack(), "cam": "good"}).decode()
+    prepared = f"{up.prefix}:prepared:classify"
+    ids["prepared"] = (prepared, r.xadd(prepared, {"m": wrong.to_msgpack(), "cam": "good"}).decode())
     r.xadd(frames, {"m": good, "cam": "good"})
 
     def dead():
-        return {f[b"id"].decode(): f for _, f in r.xrange(f"{up.prefix}:deadletter")}
+        return {(f[b"stream"].decode(), f[b"id"].decode()): f for _, f in r.xrange(f"{up.prefix}:deadletter")}
 
     up.wait_for(lambda: set(ids.values()) <= set(dead()), 60, "all bad entries dead-lettered")
     letters = dead()
     reasons = {name: letters[i][b"reason"].decode() for name, i in ids.items()}
     assert reasons == {"garbage": "decode_error", "truncated": "decode_error", "wrong_shape": "decode_error",
                        "oversized": "oversized", "prepared": "wrong_shape"}
-    assert b"shape" in letters[ids["wrong_shape"]][b"detail"]
+    assert b"but the message says uint8 [100, 100, 3]" in letters[ids["wrong_shape"]][b"detail"]
     # The good frame injected after the bad ones and the camera's own frames are still processed.
     up.wait_for(lambda: any(m["seq"] == 10_000 for m in up.results()), 60, "the good frame after the bad ones")
     up.wait_for(lambda: len({m["seq"] for m in up.results() if m["seq"] < 12}) == 12, 120, "the camera's frames")
