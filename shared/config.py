@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 TASKS = ("classify", "detect", "segment", "thermal")
 Task = Literal["classify", "detect", "segment", "thermal"]
@@ -68,6 +69,10 @@ class RedisConfig(Strict):
 
     def masked_url(self) -> str:
         return re.sub(r"//([^@/]*)@", "//***@", self.url)
+
+    def __repr_args__(self):  # a password may sit in the URL: never show it in a repr
+        for key, value in super().__repr_args__():
+            yield key, (self.masked_url() if key == "url" else value)
 
 
 class CameraConfig(Strict):
@@ -144,10 +149,13 @@ class Rule(Strict):
 
     @field_validator("when")
     @classmethod
-    def _parse(cls, v: str) -> str:
-        from shared.rules import compile_condition  # the one parser; imported late to keep config light
+    def _parse(cls, v: str, info: ValidationInfo) -> str:
+        from shared.rules import RuleError, compile_condition  # the one parser; imported late to keep config light
 
-        compile_condition(v)
+        try:
+            compile_condition(v)
+        except RuleError as e:  # name the rule, not only its index
+            raise ValueError(f"rule {info.data.get('name', '?')!r}: {e}") from None
         return v
 
 
@@ -175,12 +183,17 @@ class Sink(Strict):
 
 
 class AlertsConfig(Strict):
+    camera_offline_s: float = Field(60.0, ge=0, description="built-in camera-offline alert after this long without results (0: off)")
+    camera_offline_sinks: list[str] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _refs(self):
         names = {s.name for s in self.sinks}
+        for s in self.camera_offline_sinks:
+            if s not in names:
+                raise ValueError(f"camera_offline_sinks names sink {s!r}, which is not in alerts.sinks")
         for i, rule in enumerate(self.rules):
             for s in rule.sinks:
                 if s not in names:

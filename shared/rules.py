@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 _CMP = {ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
         ast.Eq: operator.eq, ast.NotEq: operator.ne}
-_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*")
+_FIELD = re.compile(r"(?<![\w.])[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*")  # not inside a number (1e5)
 
 Condition = Callable[[dict], bool]
 
@@ -63,7 +63,8 @@ def compile_condition(expr: str) -> Condition:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             inner = build(node.operand)
             return lambda f: not inner(f)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant)
+                and type(node.operand.value) in (int, float)):
             value = -node.operand.value
             return lambda f: value
         if isinstance(node, ast.Compare):
@@ -93,7 +94,8 @@ def compile_condition(expr: str) -> Condition:
         if isinstance(node, ast.Name) and node.id in names:
             key = names[node.id]
             return lambda f: f.get(key)
-        raise RuleError(f"{ast.unparse(node)!r} is not allowed in a condition ({expr!r})")
+        shown = re.sub(r"\b_f\d+\b", lambda m: names.get(m.group(0), m.group(0)), ast.unparse(node))
+        raise RuleError(f"{shown!r} is not allowed in a condition ({expr!r})")
 
     fn = build(tree)
     return lambda fields: bool(fn(fields))
@@ -115,7 +117,7 @@ def fields_of(task: str, out: dict) -> dict[str, Any]:
             f[f"count.{name}"] = 0
             f[f"max_score.{name}"] = 0.0
         for b in boxes:
-            name = classes[int(b[5])] if int(b[5]) < len(classes) else str(int(b[5]))
+            name = classes[int(b[5])] if 0 <= int(b[5]) < len(classes) else str(int(b[5]))
             f[f"count.{name}"] = f.get(f"count.{name}", 0) + 1
             f[f"max_score.{name}"] = max(f.get(f"max_score.{name}", 0.0), float(b[4]))
         f["max_score"] = max([float(b[4]) for b in boxes], default=0.0)
@@ -133,7 +135,8 @@ def fields_of(task: str, out: dict) -> dict[str, Any]:
 
 def threshold_of(expr: str) -> float | None:
     """The first number in a condition, reported with the alert as its threshold."""
-    m = re.search(r"(?<![A-Za-z_.])-?\d+(\.\d+)?", expr)
+    text = _field_names(re.sub(r"\"[^\"]*\"|'[^']*'", "", expr))[0]  # no digits of field names or strings
+    m = re.search(r"(?<![\w.])-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?", text)
     return float(m.group(0)) if m else None
 
 

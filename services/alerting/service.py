@@ -21,6 +21,7 @@ from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer
 from services.alerting.sinks import SinkWorker
 
 STAGE = "alert"
+OFFLINE = "camera-offline"  # the built-in pipeline-health rule
 
 
 @dataclass
@@ -50,6 +51,10 @@ class AlertService(Service):
                       for sink in cfg.alerts.sinks]
         for rule in cfg.alerts.rules:
             metrics.ALERTS.labels(rule=rule.name, severity=rule.severity)
+        metrics.ALERTS.labels(rule=OFFLINE, severity="critical")
+        start = time.monotonic()
+        self.last_result = {cam.id: start for cam in cfg.cameras}  # a camera gets its full grace at start
+        self.offline: dict[str, str] = {}  # camera -> id of its firing offline alert
         metrics.precreate_stage(STAGE)
 
     def sink_reader(self, name: str) -> GroupReader:
@@ -70,21 +75,52 @@ class AlertService(Service):
 
     def step(self) -> None:
         entries = self.reader.read()
-        if not entries:
-            return
         box = Outbox(self.r)
+        self.check_offline(box)
+        if not entries:
+            box.commit()
+            return
         for entry in entries:
             try:
                 result = Result.from_msgpack(entry.payload, self.cfg.streams.max_message_bytes)
             except DecodeError as e:
                 self.dead.add(box, self.names.results, entry, "decode_error", str(e))
                 continue
+            self.seen(result, box)
             for alert in self.evaluate(result):
-                self.alerts.add(alert.to_msgpack(), cam=alert.camera, task=alert.task, box=box)
-                if alert.state == "firing":
-                    box.on_commit(lambda r=alert.rule, s=alert.severity: metrics.ALERTS.labels(rule=r, severity=s).inc())
+                self.write_alert(box, alert)
         self.reader.ack(box, [e.id for e in entries])
         box.commit()
+
+    def check_offline(self, box: Outbox) -> None:
+        """Fire ``camera-offline`` for a camera with no result for ``alerts.camera_offline_s``."""
+        limit = self.cfg.alerts.camera_offline_s
+        if not limit:
+            return
+        now = time.monotonic()
+        for cam, last in self.last_result.items():
+            if cam not in self.offline and now - last >= limit:
+                alert_id = Alert.identity(OFFLINE, cam, f"{time.time_ns()}")
+                self.offline[cam] = alert_id
+                self.write_alert(box, Alert(id=alert_id, rule=OFFLINE, severity="critical", state="firing",
+                                            camera=cam, task="pipeline", ts=time.time_ns(), value=round(now - last, 1),
+                                            threshold=limit, message=f"no results from camera {cam} for {limit:g} s",
+                                            labels={"episode": alert_id}))
+
+    def seen(self, result: Result, box: Outbox) -> None:
+        self.last_result[result.camera] = time.monotonic()
+        alert_id = self.offline.pop(result.camera, None)
+        if alert_id:
+            self.write_alert(box, Alert(id=Alert.identity(OFFLINE + ":resolved", result.camera, result.frame_id),
+                                        rule=OFFLINE, severity="critical", state="resolved", camera=result.camera,
+                                        task="pipeline", ts=result.ts, value=0.0, threshold=None,
+                                        message=f"camera {result.camera} delivers results again",
+                                        frame_id=result.frame_id, labels={"episode": alert_id}))
+
+    def write_alert(self, box: Outbox, alert: Alert) -> None:
+        self.alerts.add(alert.to_msgpack(), cam=alert.camera, task=alert.task, box=box)
+        if alert.state == "firing":
+            box.on_commit(lambda: metrics.ALERTS.labels(rule=alert.rule, severity=alert.severity).inc())
 
     def evaluate(self, result: Result) -> list[Alert]:
         """Alerts (firing or resolved) this result causes, updating the per-camera rule state."""

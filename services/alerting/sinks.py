@@ -91,6 +91,8 @@ class SinkWorker(threading.Thread):
         self.cfg, self.sink, self.reader, self.dead, self.stop = cfg, sink, reader, dead, stop
         self.target = SINK_TYPES[sink.type](sink)
         self.rules = {r.name for r in cfg.alerts.rules if sink.name in r.sinks}
+        if sink.name in cfg.alerts.camera_offline_sinks:
+            self.rules.add("camera-offline")
         for outcome in ("delivered", "retried", "failed"):
             metrics.SINK_DELIVERIES.labels(sink=sink.name, outcome=outcome)
 
