@@ -21,13 +21,16 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import Config
 from shared.streams import connect
 
 PIPELINE = ("ingest", "preprocess", "infer", "alert")
 STOP_GRACE_S = 15.0
+STATUS_EVERY_S = 10.0
 
 
 def say(msg: str) -> None:
@@ -131,9 +134,13 @@ class Supervisor:
             self.start(c)
             say(f"{c.label:<14} pid {c.proc.pid:<7} http://127.0.0.1:{c.port}/metrics  /healthz  /readyz")
         end = time.monotonic() + seconds if seconds else None
+        next_status = time.monotonic() + STATUS_EVERY_S
         while not self.stop.wait(0.2):
             if end and time.monotonic() >= end:
                 break
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_EVERY_S
+                say(self.status())
             for c in self.children:
                 if c.proc is not None and c.proc.poll() is not None:
                     code = c.proc.returncode
@@ -147,6 +154,30 @@ class Supervisor:
                     self.start(c)
                     say(f"{c.label} restarted (pid {c.proc.pid})")
         return self.shutdown()
+
+    def scrape(self, service: str) -> dict[tuple[str, str], float]:
+        """{(metric name, camera/rule label): value} summed over a service's running replicas."""
+        out: dict[tuple[str, str], float] = {}
+        for c in self.children:
+            if c.service != service or not c.proc:
+                continue
+            try:
+                text = httpx.get(f"http://127.0.0.1:{c.port}/metrics", timeout=2).text
+            except httpx.HTTPError:
+                continue  # starting or restarting: the next status line will have it
+            for fam in text_string_to_metric_families(text):
+                for smp in fam.samples:
+                    key = (smp.name, smp.labels.get("camera") or smp.labels.get("rule", ""))
+                    out[key] = out.get(key, 0.0) + smp.value
+        return out
+
+    def status(self) -> str:
+        """One line a person can read: per-camera fps, results so far, alerts fired."""
+        ingest, infer, alert = self.scrape("ingest"), self.scrape("infer"), self.scrape("alert")
+        fps = " ".join(f"{c.id} {ingest.get(('plantsight_camera_fps', c.id), 0):.1f}" for c in self.cfg.cameras)
+        results = sum(v for (n, _), v in infer.items() if n == "plantsight_frames_total")
+        alerts = sum(v for (n, _), v in alert.items() if n == "plantsight_alerts_total")
+        return f"fps: {fps} | results {results:.0f} | alerts fired {alerts:.0f}"
 
     def shutdown(self) -> int:
         say("stopping all services")
