@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+import warnings
 from typing import Any, Callable
 
 _CMP = {ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
@@ -50,7 +51,9 @@ def compile_condition(expr: str) -> Condition:
         raise RuleError("empty condition")
     text, names = _field_names(expr)
     try:
-        tree = ast.parse(text, mode="eval").body
+        with warnings.catch_warnings():  # "450and" is only a warning today: refuse it always, not per filter
+            warnings.simplefilter("error", SyntaxWarning)
+            tree = ast.parse(text, mode="eval").body
     except SyntaxError as e:
         raise RuleError(f"cannot parse {expr!r}: {e.msg}") from None
 
