@@ -241,26 +241,28 @@ class GroupReader:
         self._next_claim = time.monotonic() + self.claim_idle_ms / 4000
         reply = self.r.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
                                   start_id="0-0", count=count)
-        claimed, deleted = reply[1], (reply[2] if len(reply) > 2 else [])
-        entries, gone = [], [_s(i) for i in deleted]
-        for item in claimed:
-            if item is None or item[1] is None:  # 6.2 returns nil bodies for trimmed entries
-                if item is not None:
-                    gone.append(_s(item[0]))
-                continue
-            entries.append(Entry(_s(item[0]), item[1]))
+        claimed, gone = reply[1], [_s(i) for i in (reply[2] if len(reply) > 2 else [])]  # 7.0 lists trimmed ids
+        entries = [Entry(_s(i), f) for i, f in claimed if i is not None and f is not None]
+        mine = {}
+        if claimed:
+            pend = self.r.xpending_range(self.stream, self.group, min="-", max="+", count=10_000,
+                                         consumername=self.consumer)
+            mine = {_s(p["message_id"]): p for p in pend}
+        if len(entries) < len(claimed):
+            # 6.2 returns nil for entries trimmed while pending but still claims them: they are the
+            # just-claimed ids of ours that no longer exist in the stream.
+            have = {e.id for e in entries}
+            fresh = [i for i, p in mine.items() if i not in have and p["time_since_delivered"] < self.claim_idle_ms]
+            gone += [i for i in fresh if not self.r.xrange(self.stream, min=i, max=i, count=1)]
         if gone:  # trimmed before anyone processed them: account and forget
             box = Outbox(self.r)
             for i in gone:
                 self.dead.add(box, self.stream, Entry(i, {}), "trimmed", "entry trimmed from the stream while pending")
             box.pipe.xack(self.stream, self.group, *gone)
             box.commit()
+        for e in entries:
+            e.deliveries = int(mine[e.id]["times_delivered"]) if e.id in mine else 1
         if entries:
-            pend = self.r.xpending_range(self.stream, self.group, min=entries[0].id, max=entries[-1].id,
-                                         count=len(entries) * 2, consumername=self.consumer)
-            counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pend}
-            for e in entries:
-                e.deliveries = counts.get(e.id, 1)
             log.info("claimed %d idle pending entries of %s/%s", len(entries), self.stream, self.group)
         return entries
 

