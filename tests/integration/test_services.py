@@ -1,0 +1,131 @@
+"""Service logic in-process on a real Redis: infer batching and coordinates, alert rule lifecycle."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from services.alerting.service import AlertService
+from services.inference.postprocess import boxes_to_original, mask_to_original, segment_out
+from services.inference.service import InferService
+from shared.config import load_config
+from shared.imaging import letterbox
+from shared.messages import Alert, Prepared, Result
+
+
+def config(redis_server, prefix, **extra):
+    data = {"redis": {"url": redis_server.url, "prefix": prefix},
+            "cameras": [{"id": "c1", "source": "synthetic://process", "tasks": ["classify"]},
+                        {"id": "k1", "source": "synthetic://thermal", "tasks": ["thermal"]}],
+            "models": {"classify": {"arch": "simple_cnn"}, "thermal": {"arch": "thermal_cnn"}}}
+    data.update(extra)
+    return load_config(data=data, environ={})
+
+
+def prepared(seq: int, camera="c1") -> bytes:
+    img = np.full((224, 224, 3), seq % 255, np.uint8)
+    return Prepared(camera=camera, seq=seq, ts=time.time_ns(), task="classify", frame_id=f"1-{seq}",
+                    shape=img.shape, dtype="uint8", data=img.tobytes(), orig=[480, 640],
+                    letterbox=[1.0, 0, 0]).to_msgpack()
+
+
+def test_infer_batches_up_to_max_batch_then_waits_at_most_max_wait(redis_server, r, prefix):
+    cfg = config(redis_server, prefix, inference={"device": "cpu", "max_batch": 4, "max_wait_ms": 300})
+    svc = InferService(cfg, tasks=["classify"], port=0)
+    svc.setup()
+    run = svc.runners[0]
+    stream = svc.names.prepared("classify")
+    for seq in range(6):
+        r.xadd(stream, {"m": prepared(seq)})
+    assert len(svc.collect(run, 100)) == 4  # full batch at once
+    t0 = time.monotonic()
+    rest = svc.collect(run, 100)
+    waited = time.monotonic() - t0
+    assert len(rest) == 2 and waited >= 0.29  # the batch stayed open max_wait_ms for more frames
+    svc.process(run, rest)
+    results = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.results)]
+    assert [m.seq for m in results] == [4, 5]
+    assert results[0].out["classes"] == ["normal", "anomaly"] and len(results[0].out["probs"]) == 2
+    assert results[0].model == "simple_cnn@untrained"
+    pend = r.xpending(stream, "infer-classify")["pending"]
+    assert pend == 4  # the first batch was collected but not processed: still pending, not lost
+
+
+def test_thermal_results_are_exact_for_radiometric_frames(redis_server, r, prefix):
+    cfg = config(redis_server, prefix, inference={"device": "cpu", "max_batch": 4, "max_wait_ms": 0})
+    svc = InferService(cfg, tasks=["thermal"], port=0)
+    svc.setup()
+    kelvin = np.full((120, 160), 300.0)
+    kelvin[30, 40], kelvin[90, 120], kelvin[0, 0] = 455.25, 420.5, 290.0
+    ck = np.round(kelvin * 100).astype(np.uint16)[:, :, None]
+    msg = Prepared(camera="k1", seq=0, ts=time.time_ns(), task="thermal", frame_id="1-0", shape=ck.shape,
+                   dtype="uint16", data=ck.tobytes(), orig=[140, 180], letterbox=[1.0, 0, 0], roi=[10, 20, 160, 120])
+    r.xadd(svc.names.prepared("thermal"), {"m": msg.to_msgpack()})
+    run = svc.runners[0]
+    svc.process(run, svc.collect(run, 100))
+    (res,) = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.results)]
+    assert res.out["max_k"] == 455.25 and res.out["min_k"] == 290.0
+    assert res.out["avg_k"] == pytest.approx(kelvin.mean(), abs=1e-3)
+    # Hot spots above the model's threshold, in original-frame pixels (ROI offset added).
+    assert sorted(map(tuple, res.out["hotspots"]), key=lambda s: -s[2]) == [(50, 50, 455.25), (130, 110, 420.5)]
+
+
+def test_boxes_and_masks_map_back_to_the_original_frame_exactly():
+    frame = np.zeros((528, 720, 3), np.uint8)
+    roi = (100, 40, 400, 300)
+    region = frame[40:340, 100:500]
+    _, (scale, px, py) = letterbox(region, (448, 448))
+    msg = Prepared(camera="c", seq=0, ts=0, task="detect", frame_id="1-0", shape=[448, 448, 3], dtype="uint8",
+                   data=bytes(448 * 448 * 3), orig=[528, 720], letterbox=[scale, px, py], roi=list(roi))
+    # A box at ROI pixels (40, 30)-(120, 90) is at these prepared pixels:
+    box = [40 * scale + px, 30 * scale + py, 120 * scale + px, 90 * scale + py, 0.9, 2]
+    (back,) = boxes_to_original([box], msg)
+    assert back == [140.0, 70.0, 220.0, 130.0, 0.9, 2]
+    mask = np.zeros((448, 448), np.uint8)
+    mask[int(py + 30 * scale):int(py + 90 * scale), int(px + 40 * scale):int(px + 120 * scale)] = 1
+    full = mask_to_original(mask, msg)
+    assert full.shape == (528, 720) and full[:40].sum() == 0 and full[:, :100].sum() == 0
+    ys, xs = np.nonzero(full)
+    assert abs(xs.min() - 140) <= 1 and abs(xs.max() - 219) <= 1 and abs(ys.min() - 70) <= 1 and abs(ys.max() - 129) <= 1
+    out = segment_out(mask, msg)
+    assert len(out["regions"]) == 1 and out["regions"][0][4] == int(full.sum())
+    assert out["defect_ratio"] == pytest.approx(full.sum() / (400 * 300))
+
+
+def thermal_result(seq: int, max_k: float) -> Result:
+    return Result(camera="k1", seq=seq, ts=seq, task="thermal", frame_id=f"1-{seq}", model="thermal_cnn@x",
+                  out={"max_k": max_k, "avg_k": 300.0, "min_k": 290.0, "hotspots": []})
+
+
+def test_a_rule_fires_after_for_frames_once_per_episode_then_resolves_and_respects_cooldown(redis_server, r, prefix):
+    rules = [{"name": "overheat", "task": "thermal", "when": "max_k >= 450", "for_frames": 3, "cooldown_s": 0.5,
+              "severity": "critical"}]
+    svc = AlertService(config(redis_server, prefix, alerts={"rules": rules, "camera_offline_s": 0}), port=0)
+    temps = [460, 460, 300, 460, 460, 460, 470, 480, 300, 460, 460, 460]
+    events = [(i, a.state) for i, k in enumerate(temps) for a in svc.evaluate(thermal_result(i, k))]
+    # Hits at 0-1 break before 3 in a row; fires at the 3rd consecutive hit (5), resolves at 8;
+    # the next episode's 3rd hit (11) falls inside the 0.5 s cooldown, so it does not fire.
+    assert events == [(5, "firing"), (8, "resolved")]
+    time.sleep(0.5)
+    fired = svc.evaluate(thermal_result(12, 465))
+    assert [a.state for a in fired] == ["firing"]
+    assert fired[0].value == 465.0 and fired[0].threshold == 450.0 and fired[0].severity == "critical"
+    assert fired[0].id == Alert.identity("overheat", "k1", "1-12")
+
+
+def test_alert_service_writes_alerts_and_acks_results_together(redis_server, r, prefix):
+    rules = [{"name": "overheat", "task": "thermal", "when": "max_k >= 450", "for_frames": 2, "cooldown_s": 0}]
+    svc = AlertService(config(redis_server, prefix, alerts={"rules": rules, "camera_offline_s": 0}), port=0)
+    svc.setup()
+    for i, k in enumerate([455, 456, 457, 300]):
+        r.xadd(svc.names.results, {"m": thermal_result(i, k).to_msgpack()})
+    r.xadd(svc.names.results, {"m": b"\x93broken"})
+    svc.step()
+    alerts = [Alert.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.alerts)]
+    assert [(a.state, a.frame_id) for a in alerts] == [("firing", "1-1"), ("resolved", "1-3")]
+    assert alerts[1].labels["episode"] == alerts[0].id
+    assert r.xpending(svc.names.results, "alert")["pending"] == 0
+    (letter,) = r.xrange(svc.names.deadletter)
+    assert letter[1][b"reason"] == b"decode_error"
