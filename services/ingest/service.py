@@ -41,7 +41,7 @@ class CameraWorker(threading.Thread):
     def run(self) -> None:
         stop, cam = self.svc.stop, self.cam
         backoff = Backoff(base=0.5, cap=30.0)
-        source = open_source(cam.source, fps=cam.fps, loop=cam.loop)
+        source = None
         opened = False
         next_t = time.monotonic()
         while not stop.is_set():
@@ -50,6 +50,8 @@ class CameraWorker(threading.Thread):
                 break
             try:
                 if not opened:
+                    # Built anew on every attempt: a path that was missing may now be a folder or a file.
+                    source = open_source(cam.source, fps=cam.fps, loop=cam.loop)
                     source.open()
                     opened = True
                     metrics.CAMERA_UP.labels(camera=cam.id).set(1)
@@ -60,7 +62,8 @@ class CameraWorker(threading.Thread):
                 metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
                 delay = backoff.next()
                 self.log.warning("camera %s: %s; reconnecting in %.1f s", cam.id, e, delay)
-                source.close()
+                if source is not None:
+                    source.close()
                 opened = False
                 metrics.CAMERA_RECONNECTS.labels(camera=cam.id).inc()
                 stop.wait(delay)
@@ -72,7 +75,8 @@ class CameraWorker(threading.Thread):
             if not source.live:  # files, folders and synthetic scenes are paced to the configured fps
                 next_t = max(next_t + 1.0 / cam.fps, time.monotonic() - 1.0)
                 stop.wait(max(0.0, next_t - time.monotonic()))
-        source.close()
+        if source is not None:
+            source.close()
         metrics.CAMERA_UP.labels(camera=cam.id).set(0)
         metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
 

@@ -76,11 +76,12 @@ def test_every_frame_gets_exactly_one_result_per_task(up_pipeline, r):
     assert up.stop() == 0
 
 
-def test_published_equals_processed_plus_dropped_with_a_slow_consumer(up_pipeline, r):
-    """drop_oldest on a camera far faster than the detector: every frame is processed or counted as dropped."""
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+def test_published_equals_processed_plus_dropped_with_a_slow_consumer(up_pipeline, r, policy):
+    """A camera far faster than the detector: every frame is processed or counted as dropped."""
     n = 30
     cams = [{"id": "fast", "source": "synthetic://equipment", "fps": 30, "tasks": ["detect"],
-             "on_full": "drop_oldest", "max_frames": n, "queue": 2}]
+             "on_full": policy, "max_frames": n, "queue": 2}]
     up = up_pipeline(cams, inference={"device": "cpu", "max_batch": 1, "max_wait_ms": 0, "threads": 1},
                      streams={"prepared_backlog": 1})
     up.wait_for(lambda: up.counter("ingest", "plantsight_frames_total", camera="fast", stage="ingest") == n,
@@ -93,7 +94,13 @@ def test_published_equals_processed_plus_dropped_with_a_slow_consumer(up_pipelin
     assert published == n
     assert dropped["ingest"] > 0, "the slow detector should have forced drops"
     assert processed + sum(dropped.values()) == published, (processed, dropped)
-    assert len(up.results()) == processed
+    assert up.counter("ingest", "plantsight_frames_dropped_total", camera="fast", reason="queue_full") == dropped["ingest"]
+    seqs = sorted(m["seq"] for m in up.results())
+    assert len(seqs) == processed and len(set(seqs)) == len(seqs)
+    if policy == "drop_newest":  # the first frames are kept, later ones refused
+        assert seqs[:2] == [0, 1]
+    else:  # the freshest frame is kept
+        assert seqs[-1] == n - 1
     assert up.stop() == 0
 
 
@@ -143,4 +150,32 @@ def test_bad_input_goes_to_the_dead_letter_stream_and_processing_goes_on(up_pipe
     assert up.counter("preprocess", "plantsight_deadletter_total", reason="decode_error") == 3
     assert up.counter("preprocess", "plantsight_deadletter_total", reason="oversized") == 1
     assert up.counter("infer", "plantsight_deadletter_total", reason="wrong_shape") == 1
+    assert up.stop() == 0
+
+
+def test_infer_loads_a_model_directory_and_ingest_reconnects_to_a_camera(up_pipeline, r, tmp_path, shared_data):
+    """A model directory's version shows in every result; a folder camera that appears late is reconnected."""
+    import shutil
+
+    from shared.models import build, default_meta, save_model_dir
+
+    meta = default_meta("simple_cnn", classes=["ok", "foam", "boil"])
+    meta.version = "v7"
+    save_model_dir(tmp_path / "model", build("simple_cnn", num_classes=3), meta)
+    folder = tmp_path / "camera-folder"  # does not exist yet: the camera is down
+    cams = [{"id": "late", "source": str(folder), "fps": 10, "tasks": ["classify"], "on_full": "block",
+             "max_frames": 3, "loop": False}]
+    up = up_pipeline(cams, models={"classify": {"path": str(tmp_path / "model")}})
+    up.wait_for(lambda: up.counter("ingest", "plantsight_camera_reconnects_total", camera="late") >= 2, 60,
+                "reconnect attempts")
+    assert up.counter("ingest", "plantsight_camera_up", camera="late") == 0
+    folder.mkdir()
+    for name in ("baboon.jpg", "building.jpg", "fruits.jpg"):
+        shutil.copy(shared_data / name, folder / name)
+    up.wait_for(lambda: len(up.results()) == 3, 120, "3 results")
+    results = up.results()
+    assert {m["model"] for m in results} == {"simple_cnn@v7"}
+    assert all(m["out"]["classes"] == ["ok", "foam", "boil"] for m in results)
+    assert sorted(m["seq"] for m in results) == [0, 1, 2]
+    assert "reconnecting in" in up.tail(400)
     assert up.stop() == 0
