@@ -154,3 +154,37 @@ def test_up_starts_an_embedded_redis_when_none_answers(tmp_path, service_ports):
     assert out.returncode == 0, out.stdout[-3000:]
     assert f"started an embedded redis-server on port {port}" in out.stdout
     assert "embedded redis-server stopped" in out.stdout
+
+
+def _start_alert_service(tmp_path, redis_server, service_ports):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"redis": {"url": redis_server.url, "prefix": "sig"}, "services": service_ports}))
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "alert", "--config", str(path)], cwd=ROOT,
+                            env=env_without_plantsight(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    import httpx
+
+    url = f"http://127.0.0.1:{service_ports['alert']['port']}/readyz"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("alert service never became ready")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_stops_a_service_cleanly_and_a_second_signal_at_once(tmp_path, redis_server, service_ports):
+    proc = _start_alert_service(tmp_path, redis_server, service_ports)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0 and time.monotonic() - t0 < 10
+    assert b"finishing the work in hand" in proc.stdout.read()
+
+    proc = _start_alert_service(tmp_path, redis_server, service_ports)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) in (0, 128 + signal.SIGTERM)
