@@ -88,13 +88,15 @@ class CameraWorker(threading.Thread):
         self._tick_fps()
         ts = time.time_ns()
         enc, data = encode(image, cam.jpeg_quality)
+        seq = None  # taken once per frame, so retries while Redis is away leave no gaps
         while not self.svc.stop.is_set():
             try:
                 refused = self.make_room()
                 if refused:
                     metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason=refused).inc()
                     return
-                frame = Frame(camera=cam.id, seq=self.next_seq(), ts=ts, enc=enc, shape=image.shape,
+                seq = self.next_seq() if seq is None else seq
+                frame = Frame(camera=cam.id, seq=seq, ts=ts, enc=enc, shape=image.shape,
                               dtype=str(image.dtype), data=data)
                 self.waiting.append(self.producer.add(frame.to_msgpack(), cam=cam.id))
                 return

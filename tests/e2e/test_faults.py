@@ -1,0 +1,77 @@
+"""Faults: Redis going away and coming back, a frame that crashes the model."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from shared.messages import Prepared
+from tests.conftest import RedisServer
+from tests.e2e.conftest import Up, per_key
+from tests.e2e.test_pipeline import groups_idle
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SERVICES = ("ingest", "preprocess", "infer", "alert")
+
+
+def ready(up: Up, service: str) -> int | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{up.port(service)}/readyz", timeout=2).status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_services_ride_out_a_redis_restart_without_losing_or_repeating_frames(tmp_path, service_ports):
+    server = RedisServer(appendonly=True)
+    try:
+        n = 40
+        cfg = {"redis": {"url": server.url, "prefix": "rr", "socket_timeout_s": 1}, "services": service_ports,
+               "cameras": [{"id": "t1", "source": "synthetic://thermal", "fps": 8, "tasks": ["thermal"],
+                            "on_full": "block", "max_frames": n}],
+               "models": {"thermal": {"arch": "thermal_cnn"}},
+               "inference": {"device": "cpu", "max_batch": 4, "max_wait_ms": 20, "threads": 1},
+               "streams": {"claim_idle_ms": 1500}}
+        up = Up(cfg, tmp_path, server.client())
+        up.wait_for(lambda: all(ready(up, s) == 200 for s in SERVICES), 60, "all services ready")
+        up.wait_for(lambda: len(up.results()) >= 5, 60, "first results")
+        server.stop()
+        up.wait_for(lambda: all(ready(up, s) == 503 for s in SERVICES), 30, "every service not ready")
+        time.sleep(2)  # a while without Redis: every loop retries with backoff, none exits
+        pids = [p.pid for p in [up.proc]]
+        server.start()
+        up.r = server.client()
+        up.wait_for(lambda: all(ready(up, s) == 200 for s in SERVICES), 60, "all services ready again")
+        up.wait_for(lambda: len(up.results()) >= n, 120, f"{n} results")
+        up.wait_for(lambda: groups_idle(up.r, "rr", ["thermal"]), 30, "drained")
+        counts = per_key(up.results())
+        assert set(counts) == {("t1", s, "thermal") for s in range(n)}
+        assert max(counts.values()) == 1
+        assert "exited with" not in up.tail(2000), "a service exited while Redis was away"
+        assert pids == [up.proc.pid] and up.stop() == 0
+    finally:
+        server.close()
+
+
+def test_a_frame_that_crashes_the_model_is_dead_lettered_after_max_deliveries(up_pipeline, r):
+    """A uint16 frame on the classify stream makes the network raise; the stream keeps flowing around it."""
+    cams = [{"id": "p1", "source": "synthetic://process", "fps": 10, "tasks": ["classify"], "on_full": "block",
+             "max_frames": 20}]
+    up = up_pipeline(cams, streams={"claim_idle_ms": 300, "max_deliveries": 2})
+    up.wait_for(lambda: len(up.results()) >= 2, 120, "first results")
+    img = np.zeros((224, 224, 3), np.uint16)
+    poison = Prepared(camera="p1", seq=99_999, ts=time.time_ns(), task="classify", frame_id="0-1",
+                      shape=img.shape, dtype="uint16", data=img.tobytes(), orig=[224, 224], letterbox=[1.0, 0, 0])
+    stream = f"{up.prefix}:prepared:classify"
+    pid = r.xadd(stream, {"m": poison.to_msgpack(), "cam": "p1"}).decode()
+    up.wait_for(lambda: any(f[b"id"].decode() == pid for _, f in r.xrange(f"{up.prefix}:deadletter")), 60,
+                "the poison frame dead-lettered")
+    (letter,) = [f for _, f in r.xrange(f"{up.prefix}:deadletter") if f[b"id"].decode() == pid]
+    assert letter[b"reason"] == b"max_deliveries" and letter[b"stage"] == b"infer"
+    up.wait_for(lambda: len({m["seq"] for m in up.results()}) == 20, 120, "every good frame")
+    assert all(m["seq"] != 99_999 for m in up.results())
+    up.wait_for(lambda: groups_idle(r, up.prefix, ["classify"]), 30, "nothing pending")
+    assert up.stop() == 0
