@@ -211,12 +211,13 @@ def up(cfg: Config, run_args: list[str], seconds: float | None, redis_url: str |
     try:
         connect(cfg.redis).ping()
         say(f"using Redis at {cfg.redis.masked_url()}")
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:  # before ConnectionError: a subclass of it
+        raise SystemExit(f"plantsight up: Redis at {cfg.redis.masked_url()} refused the credentials ({e}); "
+                         "check redis.password_env / password_file") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         embedded = EmbeddedRedis(cfg.redis.url)
         say(f"no Redis reachable at {cfg.redis.masked_url()}: started an embedded redis-server on port "
             f"{embedded.port} (data kept only for this run)")
-    except redis.AuthenticationError as e:
-        raise SystemExit(f"plantsight up: Redis refused the password ({e}); check redis.password_env/password_file")
     try:
         return Supervisor(cfg, run_args, env).run(seconds)
     finally:

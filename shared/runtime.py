@@ -157,9 +157,15 @@ class Service:
                     raise
                 self.log.warning("consumer group missing (Redis lost its data?): creating it again")
                 self._connected = False
+            except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:
+                self.log.error("Redis at %s refused the credentials (%s); check redis.password_env / "
+                               "password_file", self.cfg.redis.masked_url(), e)
+                self.close()
+                return 2
             except REDIS_DOWN as e:
-                if self._connected:
-                    self.log.warning("lost Redis (%s); reconnecting with backoff", e)
+                if self._connected or delay == 0.2:
+                    self.log.warning("cannot reach Redis at %s (%s); retrying with backoff",
+                                     self.cfg.redis.masked_url(), e)
                 self._connected = False
                 metrics.REDIS_UP.labels(service=self.name).set(0)
                 self.stop.wait(delay * random.uniform(0.5, 1.0))

@@ -188,3 +188,29 @@ def test_sigterm_stops_a_service_cleanly_and_a_second_signal_at_once(tmp_path, r
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) in (0, 128 + signal.SIGTERM)
+
+
+@pytest.mark.timeout(120)
+def test_a_wrong_redis_password_fails_at_start_without_printing_it(tmp_path, service_ports):
+    server = RedisServer()
+    try:
+        server.client().config_set("requirepass", "the-right-one")
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump({"redis": {"url": server.url, "prefix": "pw", "password_env": "PS_PW"},
+                                        "services": service_ports}))
+        env = {**env_without_plantsight(), "PS_PW": "wrong-pass-6631"}
+        for args in (["run", "alert"], ["up"]):
+            out = subprocess.run([sys.executable, "-m", "services.cli", *args, "--config", str(path)], cwd=ROOT,
+                                 capture_output=True, text=True, env=env, timeout=60)
+            text = out.stdout + out.stderr
+            assert out.returncode != 0, text
+            assert "refused the credentials" in text and "password_env" in text
+            assert "wrong-pass-6631" not in text and "the-right-one" not in text
+            assert "embedded" not in text
+        # The right password from the environment works.
+        env["PS_PW"] = "the-right-one"
+        out = subprocess.run([sys.executable, "-m", "services.cli", "streams", "--config", str(path), "--json"],
+                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0 and json.loads(out.stdout)["streams"][0]["stream"] == "pw:frames"
+    finally:
+        server.close()
