@@ -87,6 +87,9 @@ class CameraConfig(Strict):
     max_frames: int | None = Field(None, ge=1, description="stop the camera after this many frames")
     loop: bool = True
     jpeg_quality: int = Field(90, ge=10, le=100)
+    frozen_s: float = Field(30.0, ge=0, description="camera-frozen alert after the same image this long (0: off)")
+    black_s: float = Field(10.0, ge=0, description="camera-black alert after a dark image this long (0: off)")
+    black_level: float = Field(10.0, ge=0, le=255, description="mean 8-bit level below which an image is black")
 
     @field_validator("roi")
     @classmethod
@@ -183,7 +186,7 @@ class Sink(Strict):
 
 
 class AlertsConfig(Strict):
-    camera_offline_s: float = Field(60.0, ge=0, description="built-in camera-offline alert after this long without results (0: off)")
+    camera_offline_s: float = Field(60.0, ge=0, description="built-in camera-offline alert after this long without frames (0: off)")
     camera_offline_sinks: list[str] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)

@@ -1,15 +1,16 @@
 """alert: evaluate rules on results, write alert state changes to ``{P}:alerts``, deliver to sinks.
 
 A rule fires after ``for_frames`` consecutive hits on one camera, at most once per
-``cooldown_s``, and resolves on the first frame where its condition no longer holds. The alert
-and the acknowledgement of the result that caused it are written in one MULTI; each sink then
-reads ``{P}:alerts`` through its own consumer group (``sink-<name>``).
+``cooldown_s``, and resolves on the first frame where its condition no longer holds. The alert,
+the rule state it changed (``{P}:alert-state``) and the acknowledgement of the result that
+caused it are written in one MULTI, so a crash never repeats nor loses an alert. Each sink then
+reads ``{P}:alerts`` through its own consumer group (``sink-<name>``). Pipeline-health alerts
+(camera offline, frozen, black) come from ``health.py`` through the same path.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from shared import metrics
 from shared.config import Rule
@@ -18,20 +19,11 @@ from shared.rules import compile_condition, fields_of, threshold_of, value_of
 from shared.runtime import Service
 from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer
 
+from services.alerting.health import HEALTH_RULES, CameraHealth
 from services.alerting.sinks import SinkWorker
+from services.alerting.state import EpisodeStore
 
 STAGE = "alert"
-OFFLINE = "camera-offline"  # the built-in pipeline-health rule
-
-
-@dataclass
-class Episode:
-    """Per (rule, camera) state."""
-
-    hits: int = 0
-    firing: bool = False
-    alert_id: str = ""
-    last_fired: float = float("-inf")
 
 
 class AlertService(Service):
@@ -46,15 +38,14 @@ class AlertService(Service):
                                   max_deliveries=s.max_deliveries, max_bytes=s.max_message_bytes)
         self.alerts = Producer(self.r, self.names.alerts, max_age_s=s.alerts_max_age_s)
         self.rules = [(rule, compile_condition(rule.when)) for rule in cfg.alerts.rules]
-        self.state: dict[tuple[str, str], Episode] = {}
+        self.state = EpisodeStore(self.r, f"{self.names.prefix}:alert-state")
+        self.health = CameraHealth(cfg, self.names, self.state)
         self.sinks = [SinkWorker(cfg, sink, self.sink_reader(sink.name), self.dead, self.stop)
                       for sink in cfg.alerts.sinks]
         for rule in cfg.alerts.rules:
             metrics.ALERTS.labels(rule=rule.name, severity=rule.severity)
-        metrics.ALERTS.labels(rule=OFFLINE, severity="critical")
-        start = time.monotonic()
-        self.last_result = {cam.id: start for cam in cfg.cameras}  # a camera gets its full grace at start
-        self.offline: dict[str, str] = {}  # camera -> id of its firing offline alert
+        for rule, severity in HEALTH_RULES.items():
+            metrics.ALERTS.labels(rule=rule, severity=severity)
         metrics.precreate_stage(STAGE)
 
     def sink_reader(self, name: str) -> GroupReader:
@@ -64,6 +55,7 @@ class AlertService(Service):
                            max_bytes=s.max_message_bytes)
 
     def setup(self) -> None:
+        self.state.load()  # after a restart or a failed commit: Redis holds the truth
         self.reader.setup()
         for w in self.sinks:
             w.reader.setup()
@@ -76,46 +68,23 @@ class AlertService(Service):
     def step(self) -> None:
         entries = self.reader.read()
         box = Outbox(self.r)
-        self.check_offline(box)
-        if not entries:
-            box.commit()
-            return
+        for alert in self.health.check(self.r):
+            self.write_alert(box, alert)
         for entry in entries:
             try:
                 result = Result.from_msgpack(entry.payload, self.cfg.streams.max_message_bytes)
             except DecodeError as e:
                 self.dead.add(box, self.names.results, entry, "decode_error", str(e))
                 continue
-            self.seen(result, box)
             for alert in self.evaluate(result):
                 self.write_alert(box, alert)
         self.reader.ack(box, [e.id for e in entries])
-        box.commit()
-
-    def check_offline(self, box: Outbox) -> None:
-        """Fire ``camera-offline`` for a camera with no result for ``alerts.camera_offline_s``."""
-        limit = self.cfg.alerts.camera_offline_s
-        if not limit:
-            return
-        now = time.monotonic()
-        for cam, last in self.last_result.items():
-            if cam not in self.offline and now - last >= limit:
-                alert_id = Alert.identity(OFFLINE, cam, f"{time.time_ns()}")
-                self.offline[cam] = alert_id
-                self.write_alert(box, Alert(id=alert_id, rule=OFFLINE, severity="critical", state="firing",
-                                            camera=cam, task="pipeline", ts=time.time_ns(), value=round(now - last, 1),
-                                            threshold=limit, message=f"no results from camera {cam} for {limit:g} s",
-                                            labels={"episode": alert_id}))
-
-    def seen(self, result: Result, box: Outbox) -> None:
-        self.last_result[result.camera] = time.monotonic()
-        alert_id = self.offline.pop(result.camera, None)
-        if alert_id:
-            self.write_alert(box, Alert(id=Alert.identity(OFFLINE + ":resolved", result.camera, result.frame_id),
-                                        rule=OFFLINE, severity="critical", state="resolved", camera=result.camera,
-                                        task="pipeline", ts=result.ts, value=0.0, threshold=None,
-                                        message=f"camera {result.camera} delivers results again",
-                                        frame_id=result.frame_id, labels={"episode": alert_id}))
+        self.state.save(box)
+        try:
+            box.commit()
+        except Exception:
+            self.state.forget()  # in-memory state ran ahead of Redis: reload it when Redis is back
+            raise
 
     def write_alert(self, box: Outbox, alert: Alert) -> None:
         self.alerts.add(alert.to_msgpack(), cam=alert.camera, task=alert.task, box=box)
@@ -130,10 +99,10 @@ class AlertService(Service):
             if rule.task != result.task or (rule.cameras and result.camera not in rule.cameras):
                 continue
             fields = fields if fields is not None else fields_of(result.task, result.out)
-            ep = self.state.setdefault((rule.name, result.camera), Episode())
+            ep = self.state.get(rule.name, result.camera)
             hit = cond(fields)
             ep.hits = ep.hits + 1 if hit else 0
-            now = time.monotonic()
+            now = time.time()
             if hit and not ep.firing and ep.hits >= rule.for_frames and now - ep.last_fired >= rule.cooldown_s:
                 ep.firing, ep.last_fired = True, now
                 ep.alert_id = Alert.identity(rule.name, result.camera, result.frame_id)
@@ -141,6 +110,7 @@ class AlertService(Service):
             elif not hit and ep.firing:
                 ep.firing = False
                 out.append(self.alert(rule, result, fields, "resolved", ep.alert_id))
+            self.state.touch(rule.name, result.camera)
         return out
 
     def alert(self, rule: Rule, result: Result, fields: dict, state: str, episode: str) -> Alert:

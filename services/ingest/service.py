@@ -8,9 +8,13 @@ dropped and processed). Every frame is counted once in ``frames_total{stage="ing
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
+
+import cv2
+import numpy as np
 
 from shared import metrics
 from shared.config import CameraConfig, ConfigError, OnFull
@@ -37,6 +41,9 @@ class CameraWorker(threading.Thread):
         self.frames_read = 0
         self.log = svc.log.getChild(cam.id)
         self._fps_t, self._fps_n = time.monotonic(), 0
+        self._thumb = None  # last frame, shrunk, to tell a frozen image
+        self.status = {"up": 0, "fps": 0.0, "last_frame": 0.0, "frozen_since": 0.0, "black_since": 0.0,
+                       "reconnects": 0, "error": ""}
 
     def run(self) -> None:
         stop, cam = self.svc.stop, self.cam
@@ -55,6 +62,7 @@ class CameraWorker(threading.Thread):
                     source.open()
                     opened = True
                     metrics.CAMERA_UP.labels(camera=cam.id).set(1)
+                    self.status.update(up=1, error="")
                     backoff.reset()
                 image = source.read()
             except SourceError as e:
@@ -66,6 +74,7 @@ class CameraWorker(threading.Thread):
                     source.close()
                 opened = False
                 metrics.CAMERA_RECONNECTS.labels(camera=cam.id).inc()
+                self.status.update(up=0, fps=0.0, error=str(e)[:200], reconnects=self.status["reconnects"] + 1)
                 stop.wait(delay)
                 continue
             if image is None:
@@ -79,6 +88,7 @@ class CameraWorker(threading.Thread):
             source.close()
         metrics.CAMERA_UP.labels(camera=cam.id).set(0)
         metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
+        self.status.update(up=0, fps=0.0)
 
     # --- one frame ------------------------------------------------------------------
     def publish(self, image) -> None:
@@ -86,6 +96,7 @@ class CameraWorker(threading.Thread):
         self.frames_read += 1
         metrics.FRAMES.labels(camera=cam.id, stage=STAGE).inc()
         self._tick_fps()
+        self.check_image(image)
         ts = time.time_ns()
         enc, data = encode(image, cam.jpeg_quality)
         seq = None  # taken once per frame, so retries while Redis is away leave no gaps
@@ -139,11 +150,26 @@ class CameraWorker(threading.Thread):
         while self.waiting and parse_id(self.waiting[0]) <= last:
             self.waiting.popleft()
 
+    def check_image(self, image) -> None:
+        """Track since when the image is unchanged (frozen) or dark (black), for the health alerts."""
+        thumb = cv2.resize(image, (32, 24), interpolation=cv2.INTER_AREA).astype(np.float32)
+        if image.dtype == np.uint16:
+            thumb /= 257.0  # compare on the 8-bit scale
+        now = time.time()
+        frozen = self._thumb is not None and float(np.abs(thumb - self._thumb).mean()) < 0.5
+        black = image.dtype == np.uint8 and float(thumb.mean()) < self.cam.black_level
+        self._thumb = thumb
+        self.status["last_frame"] = now
+        self.status["frozen_since"] = (self.status["frozen_since"] or now) if frozen else 0.0
+        self.status["black_since"] = (self.status["black_since"] or now) if black else 0.0
+
     def _tick_fps(self) -> None:
         self._fps_n += 1
         now = time.monotonic()
         if now - self._fps_t >= 2.0:
-            metrics.CAMERA_FPS.labels(camera=self.cam.id).set(self._fps_n / (now - self._fps_t))
+            fps = self._fps_n / (now - self._fps_t)
+            metrics.CAMERA_FPS.labels(camera=self.cam.id).set(fps)
+            self.status["fps"] = round(fps, 2)
             self._fps_t, self._fps_n = now, 0
 
 
@@ -174,7 +200,12 @@ class IngestService(Service):
             self.log.info("reading %d camera(s): %s", len(self.workers), ", ".join(c.id for c in self.cfg.cameras))
 
     def step(self) -> None:
-        self.r.ping()  # keeps /readyz honest while the camera threads do the work
+        # Camera status for the health alerts (and anyone looking): one hash, refreshed every half second.
+        if self.workers:
+            self.r.hset(f"{self.names.prefix}:cameras",
+                        mapping={w.cam.id: json.dumps(w.status) for w in self.workers})
+        else:
+            self.r.ping()
         self.stop.wait(0.5)
 
     def streams(self) -> set[str]:

@@ -75,3 +75,66 @@ def test_a_frame_that_crashes_the_model_is_dead_lettered_after_max_deliveries(up
     assert all(m["seq"] != 99_999 for m in up.results())
     up.wait_for(lambda: groups_idle(r, up.prefix, ["classify"]), 30, "nothing pending")
     assert up.stop() == 0
+
+
+def _alerts(r, prefix):
+    import msgpack
+
+    return [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(f"{prefix}:alerts")]
+
+
+def test_camera_offline_frozen_and_black_alerts_fire_and_resolve(up_pipeline, r, tmp_path, shared_data):
+    import shutil
+
+    import cv2
+
+    still, dark, late = tmp_path / "still", tmp_path / "dark", tmp_path / "late"
+    still.mkdir()
+    dark.mkdir()
+    shutil.copy(shared_data / "fruits.jpg", still / "a.jpg")
+    cv2.imwrite(str(dark / "a.png"), np.zeros((120, 160, 3), np.uint8))
+    cam = {"fps": 5, "tasks": ["classify"], "frozen_s": 1.5, "black_s": 1.5}
+    cams = [{"id": "still", "source": str(still), **cam}, {"id": "dark", "source": str(dark), **cam},
+            {"id": "late", "source": str(late), **cam}]
+    up = up_pipeline(cams, alerts={"camera_offline_s": 5})
+
+    def fired():
+        return {(a["rule"], a["camera"], a["state"]) for a in _alerts(r, up.prefix)}
+
+    want = {("camera-frozen", "still", "firing"), ("camera-frozen", "dark", "firing"),
+            ("camera-black", "dark", "firing"), ("camera-offline", "late", "firing")}
+    up.wait_for(lambda: want <= fired(), 90, "frozen, black and offline alerts")
+    assert ("camera-black", "still", "firing") not in fired()
+    assert not any(cam in ("still", "dark") for rule, cam, _ in fired() if rule == "camera-offline")
+    # Recovery: new pictures in the still camera's folder, the late camera's folder appears.
+    shutil.copy(shared_data / "baboon.jpg", still / "b.jpg")
+    shutil.copy(shared_data / "building.jpg", still / "c.jpg")
+    shutil.copytree(still, late)
+    up.wait_for(lambda: {("camera-frozen", "still", "resolved"), ("camera-offline", "late", "resolved")} <= fired(),
+                90, "frozen and offline alerts resolved")
+    ups = up.counter("alert", "plantsight_alerts_total", rule="camera-frozen")
+    assert ups == 2  # one episode per camera: still and dark
+    episodes = [a for a in _alerts(r, up.prefix) if a["rule"] == "camera-frozen" and a["camera"] == "still"]
+    assert [a["state"] for a in episodes] == ["firing", "resolved"]
+    assert episodes[1]["labels"]["episode"] == episodes[0]["id"]
+    assert up.stop() == 0
+
+
+def test_a_crashed_alert_service_does_not_repeat_an_alert(up_pipeline, r):
+    import os
+    import re
+    import signal
+
+    cams = [{"id": "k1", "source": "synthetic://thermal", "fps": 10, "tasks": ["thermal"], "max_frames": 60,
+             "on_full": "block"}]
+    rules = [{"name": "warm", "task": "thermal", "when": "max_k > 0", "for_frames": 3, "cooldown_s": 0}]
+    up = up_pipeline(cams, alerts={"rules": rules, "camera_offline_s": 0}, streams={"claim_idle_ms": 1000})
+    up.wait_for(lambda: any(a["rule"] == "warm" for a in _alerts(r, up.prefix)), 90, "the alert")
+    pid = int(re.search(r"plantsight up: alert\s+pid (\d+)", up.tail(400)).group(1))
+    os.kill(pid, signal.SIGKILL)
+    up.wait_for(lambda: "alert restarted" in up.tail(400), 60, "the alert service restarted")
+    up.wait_for(lambda: len(up.results()) == 60, 120, "all results")
+    up.wait_for(lambda: groups_idle(r, up.prefix, ["thermal"]), 60, "results all read by the new alert service")
+    warm = [a for a in _alerts(r, up.prefix) if a["rule"] == "warm"]
+    assert [a["state"] for a in warm] == ["firing"]  # the episode goes on: no second firing after the restart
+    assert up.stop() == 0
