@@ -18,6 +18,7 @@ import time
 
 import httpx
 
+from services.alerting.health import HEALTH_RULES
 from shared import metrics
 from shared.config import Config, Sink
 from shared.messages import Alert, DecodeError
@@ -92,7 +93,7 @@ class SinkWorker(threading.Thread):
         self.target = SINK_TYPES[sink.type](sink)
         self.rules = {r.name for r in cfg.alerts.rules if sink.name in r.sinks}
         if sink.name in cfg.alerts.camera_offline_sinks:
-            self.rules.add("camera-offline")
+            self.rules |= set(HEALTH_RULES)
         for outcome in ("delivered", "retried", "failed"):
             metrics.SINK_DELIVERIES.labels(sink=sink.name, outcome=outcome)
 
