@@ -171,9 +171,10 @@ class Sink(Strict):
     secret_file: Path | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(5.0, gt=0)
-    retries: int = Field(5, ge=0)
+    retries: int = Field(10, ge=0)
     backoff_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
+    deadline_s: float = Field(900.0, gt=0, description="give up (dead-letter) after trying this long")
 
     @model_validator(mode="after")
     def _url(self):

@@ -2,8 +2,10 @@
 
 The alert id is the idempotency key. Webhooks carry ``X-Plantsight-Signature: sha256=<hex>``,
 the HMAC-SHA256 of the exact body bytes with the sink's secret, and retry 5xx, 429 and network
-errors with exponential backoff and jitter; other 4xx answers are final. A delivery that gives
-up goes to the dead-letter stream.
+errors with exponential backoff and jitter, up to ``retries`` times within ``deadline_s``; other
+4xx answers are final. A delivery that gives up goes to the dead-letter stream with the reason
+(and the receiver's answer). On shutdown an undelivered alert stays pending, so the next alert
+service (or another replica) delivers it.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ class WebhookSink:
             raise Delivery(f"{type(e).__name__}", retry=True) from e
         if resp.status_code >= 500 or resp.status_code == 429:
             raise Delivery(f"HTTP {resp.status_code}", retry=True)
-        if resp.status_code >= 400:
-            raise Delivery(f"HTTP {resp.status_code}", retry=False)
+        if resp.status_code >= 400:  # the receiver's answer is kept with the dead letter
+            raise Delivery(f"HTTP {resp.status_code}: {resp.text[:300]}", retry=False)
 
     def close(self) -> None:
         self.client.close()
@@ -132,7 +134,7 @@ class SinkWorker(threading.Thread):
     def deliver(self, alert: Alert) -> str | None:
         """None when delivered; the reason when it gave up."""
         s = self.sink
-        delay, deadline = s.backoff_s, time.monotonic() + s.timeout_s * (s.retries + 1) + 60
+        delay, deadline = s.backoff_s, time.monotonic() + s.deadline_s
         for attempt in range(s.retries + 1):
             try:
                 self.target.send(alert)
