@@ -51,6 +51,7 @@ def _read_secret(value: SecretStr | None, env: str | None, file: Path | None) ->
 class RedisConfig(Strict):
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = Field("plantsight", pattern=r"^[A-Za-z0-9_.:{}-]+$")
+    username: str | None = Field(None, description="Redis 6 ACL user (default: the 'default' user)")
     password: SecretStr | None = None
     password_env: str | None = None
     password_file: Path | None = None

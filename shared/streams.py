@@ -56,6 +56,8 @@ def connect(cfg: RedisConfig) -> redis.Redis:
     secret = cfg.secret()
     if secret:
         kwargs["password"] = secret
+    if cfg.username:
+        kwargs["username"] = cfg.username
     if cfg.url.startswith("rediss://") and cfg.tls_ca_file:
         kwargs["ssl_ca_certs"] = str(cfg.tls_ca_file)
     return redis.Redis.from_url(cfg.url, **kwargs)

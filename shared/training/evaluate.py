@@ -108,7 +108,6 @@ def evaluate_dataset(predictor: Predictor, ds, *, batch_size: int = 16, keep: in
         m = M.detection_map(preds, gts, len(classes), class_names=classes)
     elif task == "segment":
         m = M.segmentation_metrics(preds, gts, scores)
-        m["dice_iou_averaging"] = "per image, then mean (an image with neither truth nor prediction counts 1.0)"
     else:
         m = M.thermal_mae(np.array(preds).reshape(-1, 3), np.array(gts).reshape(-1, 3))
     m["images"] = len(ds)

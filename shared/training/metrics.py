@@ -189,11 +189,21 @@ def thermal_mae(pred, target) -> dict:
 
 
 def segmentation_metrics(preds: list, targets: list, scores=None) -> dict:
-    """dice, iou: per image then the mean over images; image_auroc of `scores` vs "has defect pixels"."""
-    pairs = [dice_iou(p, t) for p, t in zip(preds, targets)]
+    """dice, iou pooled over the split (Σ intersections over Σ sizes, so an empty prediction everywhere
+    scores 0, not the share of good images); dice_per_image, iou_per_image: per image (both empty = 1.0),
+    then the mean; image_auroc of `scores` vs "has defect pixels"."""
+    inter = total = union = 0
+    pairs = []
+    for p, t in zip(preds, targets):
+        p, t = np.asarray(p).astype(bool), np.asarray(t).astype(bool)
+        i, s = int(np.logical_and(p, t).sum()), int(p.sum() + t.sum())
+        inter, total, union = inter + i, total + s, union + s - i
+        pairs.append(dice_iou(p, t))
     out = {
-        "dice": float(np.mean([d for d, _ in pairs])) if pairs else float("nan"),
-        "iou": float(np.mean([i for _, i in pairs])) if pairs else float("nan"),
+        "dice": float(2 * inter / total) if total else 1.0,
+        "iou": float(inter / union) if union else 1.0,
+        "dice_per_image": float(np.mean([d for d, _ in pairs])) if pairs else float("nan"),
+        "iou_per_image": float(np.mean([i for _, i in pairs])) if pairs else float("nan"),
     }
     if scores is not None:
         out["image_auroc"] = auroc(scores, [np.asarray(t).any() for t in targets])

@@ -80,12 +80,28 @@ def train_step(model: nn.Module, predictor: Predictor, opt, x, target, *, scaler
     return float(loss.detach())
 
 
-def _better(value, best, higher: bool) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+# Ties on the main metric (a small validation set plateaus) are broken by a finer one.
+TIEBREAK = {"classify": "macro_f1", "detect": "map50_95", "segment": "iou", "thermal": "mae_max_k"}
+
+
+def _score(metrics: dict, task: str) -> tuple | None:
+    """The run's ranking key, larger = better; None when the main metric is missing or NaN."""
+    key, higher = MAIN_METRIC[task]
+    vals = []
+    for k in (key, TIEBREAK[task]):
+        v = metrics.get(k)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            if k == key:
+                return None
+            v = float("-inf") if higher else float("inf")
+        vals.append(v if higher else -v)
+    return tuple(vals)
+
+
+def _better(score, best) -> bool:
+    if score is None:
         return best is None
-    if best is None:
-        return True
-    return value > best if higher else value < best
+    return best is None or score > best
 
 
 def _build(task: str, arch: str, classes: list[str], dev: torch.device, freeze, pretrained, options):
@@ -159,7 +175,7 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
     amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    key, higher = MAIN_METRIC[task]
+    key = MAIN_METRIC[task][0]
     out = Path(out_dir)
     history, best, best_metrics, best_epoch, stale = [], None, {}, 0, 0
     for epoch in range(1, epochs + 1):
@@ -185,8 +201,9 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
                         "seconds": round(time.monotonic() - t0, 2)})
         if progress:
             print(f"epoch {epoch}: loss {total / max(seen, 1):.4f}, val {key} {value}", file=sys.stderr)
-        if _better(value, best, higher):
-            best, best_metrics, best_epoch, stale = value, metrics, epoch, 0
+        score = _score(metrics, task)
+        if _better(score, best) and (score is not None or not best_metrics):
+            best, best_metrics, best_epoch, stale = score, metrics, epoch, 0
             meta.metrics = jsonable({**metrics, "epoch": epoch, "split": "val"})
             save_model_dir(out, model, meta)
         else:
