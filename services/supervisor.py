@@ -205,6 +205,7 @@ class Supervisor:
 
 def up(cfg: Config, run_args: list[str], seconds: float | None, redis_url: str | None) -> int:
     env = dict(os.environ)
+    env.setdefault("MALLOC_ARENA_MAX", "2")  # fewer glibc arenas: torch's threads otherwise fragment the heap
     if redis_url:
         env["PLANTSIGHT_REDIS__URL"] = redis_url
     embedded = None

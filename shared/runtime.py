@@ -8,6 +8,7 @@ second signal exits at once.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -25,6 +26,18 @@ from shared.config import Config
 from shared.streams import REDIS_DOWN, Names, connect, publish_stream_metrics
 
 log = logging.getLogger("plantsight")
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None: gives freed heap pages back to the system."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+TRIM_EVERY_S = 30.0
 
 
 def setup_logging(level: str = "INFO", service: str = "plantsight") -> None:
@@ -77,6 +90,7 @@ class Service:
         self._beat = time.monotonic()
         self._signals = 0
         self._next_stats = 0.0
+        self._next_trim = time.monotonic() + TRIM_EVERY_S
         self.http: ThreadingHTTPServer | None = None
 
     # --- for subclasses -------------------------------------------------------------
@@ -152,6 +166,11 @@ class Service:
                 if time.monotonic() >= self._next_stats:
                     self._next_stats = time.monotonic() + self.stats_every_s
                     publish_stream_metrics(self.r, self.names, self.cfg, self.streams())
+                if MALLOC_TRIM and time.monotonic() >= self._next_trim:
+                    # Batches of changing sizes leave freed pages in malloc arenas; hand them back
+                    # so a months-long run keeps a flat RSS.
+                    self._next_trim = time.monotonic() + TRIM_EVERY_S
+                    MALLOC_TRIM(0)
             except redis.ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise

@@ -214,3 +214,46 @@ def test_a_wrong_redis_password_fails_at_start_without_printing_it(tmp_path, ser
         assert out.returncode == 0 and json.loads(out.stdout)["streams"][0]["stream"] == "pw:frames"
     finally:
         server.close()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_lets_infer_finish_and_acknowledge_the_batch_in_hand(tmp_path, redis_server, r, service_ports):
+    import numpy as np
+
+    from shared.messages import Prepared
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({
+        "redis": {"url": redis_server.url, "prefix": "drain"}, "services": service_ports,
+        "cameras": [{"id": "e1", "source": "synthetic://equipment", "tasks": ["detect"]}],
+        "models": {"detect": {"arch": "simple_yolo"}},
+        "inference": {"device": "cpu", "max_batch": 4, "max_wait_ms": 0, "threads": 1}}))
+    img = np.zeros((448, 448, 3), np.uint8)
+    for seq in range(24):
+        msg = Prepared(camera="e1", seq=seq, ts=time.time_ns(), task="detect", frame_id=f"1-{seq}", shape=img.shape,
+                       dtype="uint8", data=img.tobytes(), orig=[448, 448], letterbox=[1.0, 0, 0])
+        r.xadd("drain:prepared:detect", {"m": msg.to_msgpack(), "cam": "e1"})
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "infer", "--config", str(path)], cwd=ROOT,
+                            env=env_without_plantsight(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # a batch in hand: delivered, not yet acknowledged
+        groups = {g["name"]: g for g in r.xinfo_groups("drain:prepared:detect")}
+        if groups.get(b"infer-detect", {}).get("pending", 0) > 0:
+            break
+        time.sleep(0.02)
+    in_hand = r.xinfo_groups("drain:prepared:detect")[0]["pending"]
+    assert in_hand > 0
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0 and time.monotonic() - t0 < 10
+    g = r.xinfo_groups("drain:prepared:detect")[0]
+    assert g["pending"] == 0  # the batch in hand was finished and acknowledged
+    done = r.xlen("drain:results")
+    assert done >= in_hand and done < 24  # it stopped taking new work
+    assert sorted(msgpack_seq(f) for _, f in r.xrange("drain:results")) == list(range(done))
+
+
+def msgpack_seq(fields) -> int:
+    import msgpack
+
+    return msgpack.unpackb(fields[b"m"], raw=False)["seq"]
