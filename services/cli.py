@@ -127,6 +127,10 @@ def parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("models", help="architectures with parameter counts and shapes")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(fn=cmd_models)
+
+    from shared.training.commands import add_parsers  # synth, train, eval
+
+    add_parsers(sub)
     return p
 
 

@@ -69,7 +69,7 @@ class CameraWorker(threading.Thread):
                 metrics.CAMERA_UP.labels(camera=cam.id).set(0)
                 metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
                 delay = backoff.next()
-                self.log.warning("camera %s: %s; reconnecting in %.1f s", cam.id, e, delay)
+                self.log.warning("camera %s: %s; reconnecting in %.2f s", cam.id, e, delay)
                 if source is not None:
                     source.close()
                 opened = False
