@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from shared.models.registry import TASKS
+from shared.config import TASKS  # not shared.models: the CLI must start without importing torch
 
 __all__ = ["add_parsers", "cmd_synth", "cmd_train", "cmd_eval"]
 
