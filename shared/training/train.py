@@ -208,7 +208,8 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
             save_model_dir(out, model, meta)
         else:
             stale += 1
-            if patience and stale >= patience:
+            # Not in the first third: a segmenter's Dice sits at 0 for a while before masks appear.
+            if patience and stale >= patience and epoch >= epochs // 3:
                 if progress:
                     print(f"early stop: no better val {key} for {patience} epochs", file=sys.stderr)
                 break

@@ -87,8 +87,13 @@ def test_dice_iou_known_cases():
     assert M.dice_iou(np.zeros((3, 3)), np.zeros((3, 3))) == (1.0, 1.0)
     assert M.dice_iou(a, np.zeros_like(a)) == (0.0, 0.0)
     m = M.segmentation_metrics([a, a], [b, np.zeros_like(a)], scores=[0.9, 0.2])
-    assert m["dice"] == pytest.approx(0.4) and m["iou"] == pytest.approx(1 / 3)  # per image, then mean
+    # Pooled: intersections 4 + 0, sizes (4 + 6) + (4 + 0), unions 6 + 4.
+    assert m["dice"] == pytest.approx(8 / 14) and m["iou"] == pytest.approx(4 / 10)
+    assert m["dice_per_image"] == pytest.approx(0.4) and m["iou_per_image"] == pytest.approx(1 / 3)
     assert m["image_auroc"] == 1.0
+    # Predicting nothing scores 0 pooled, though every good image alone is a perfect 1.
+    empty = M.segmentation_metrics([np.zeros_like(a)] * 3, [b, np.zeros_like(a), np.zeros_like(a)])
+    assert empty["dice"] == 0.0 and empty["dice_per_image"] == pytest.approx(2 / 3)
 
 
 def test_auroc_with_ties_and_single_class():
