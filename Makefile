@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench check clean
+.PHONY: demo demo-models test install bench check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/plantsight up --demo $(if $(DEMO_FOR),--for $(DEMO_FOR))
+
+# Trained models for the demo, from synthetic data, into the user's cache (the demo uses them when there).
+DEMO_MODELS ?= $(or $(PLANTSIGHT_DEMO_MODELS),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/plantsight/demo-models)
+demo-models: $(STAMP)
+	for t in classify detect segment thermal; do \
+	  $(VENV)/bin/plantsight synth $$t --out $(DEMO_MODELS)/data-$$t --n 400 --seed 0 && \
+	  $(VENV)/bin/plantsight train $$t --data $(DEMO_MODELS)/data-$$t --out $(DEMO_MODELS)/$$t || exit 1; \
+	done
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -321,7 +321,19 @@ def load_config(path: str | Path | None = None, *, data: dict | None = None,
         raise ConfigError(_format(e, origin)) from None
 
 
+def demo_models_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where `make demo-models` puts the demo's trained models (the user's cache directory)."""
+    env = os.environ if environ is None else environ
+    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(env.get("PLANTSIGHT_DEMO_MODELS") or cache / "plantsight" / "demo-models")
+
+
 def demo_config(environ: Mapping[str, str] | None = None) -> Config:
-    """The built-in demo: two synthetic cameras per task, untrained networks, a log sink."""
+    """The built-in demo: two synthetic cameras per task, a log sink, and the trained demo models
+    where `make demo-models` has made them (untrained networks otherwise)."""
     data = yaml.safe_load((Path(__file__).with_name("demo.yaml")).read_text())
+    trained = demo_models_dir(environ)
+    for task in TASKS:
+        if (trained / task / "model.json").is_file():
+            data["models"][task] = {"path": str(trained / task)}
     return load_config(data=data, environ=environ)

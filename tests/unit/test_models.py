@@ -347,3 +347,12 @@ def test_predictor_refuses_wrong_task_spec_and_batch(thermal_dir):
         p.predict(torch.zeros(1, 128, 128, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="expected uint8 frames"):
         p.predict(torch.zeros(1, 256, 256, 3, dtype=torch.float32))
+
+
+def test_chapter_output_shapes():
+    """The chapter's shapes: SimpleYOLO [4,14,14,11] at 448 (1 class, 2 boxes), U-Net [4,1,256,256], ThermalCNN [B,3]."""
+    with torch.no_grad():
+        assert tuple(build("simple_yolo", num_classes=1).eval()(torch.randn(4, 3, 448, 448)).shape) == (4, 14, 14, 11)
+        unet = build("unet").to("meta").eval()  # full width: shapes only, on the meta device
+        assert tuple(unet(torch.empty(4, 3, 256, 256, device="meta")).shape) == (4, 1, 256, 256)
+        assert tuple(build("thermal_cnn").eval()(torch.randn(5, 1, 224, 224)).shape) == (5, 3)
