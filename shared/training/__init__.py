@@ -1,6 +1,5 @@
-"""Training and evaluation (DESIGN §6, §8): `plantsight train`, `plantsight eval`, metrics and plots."""
+"""Training and evaluation (DESIGN §6, §8): `plantsight train`, `plantsight eval`, metrics and plots.
 
-from .evaluate import evaluate, evaluate_predictions
-from .train import train
-
-__all__ = ["train", "evaluate", "evaluate_predictions"]
+Import the parts you need (`shared.training.train`, `.evaluate`, `.metrics`); this package itself
+imports nothing heavy, so the command line starts without torch.
+"""

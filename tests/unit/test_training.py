@@ -13,7 +13,8 @@ import torch
 
 from shared.data.synthetic import make_scene
 from shared.models import Predictor, build, default_meta, load_model_dir
-from shared.training import evaluate, train
+from shared.training.evaluate import evaluate
+from shared.training.train import train
 from shared.training.augment import PreparedDataset, augment, collate, letterbox_boxes, prepare, unletterbox_mask
 from shared.training.commands import add_parsers
 from shared.training.train import compute_loss, seed_everything, train_step
