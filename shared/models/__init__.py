@@ -2,6 +2,7 @@
 
 # Importing the task modules registers their architectures.
 from . import classify, detect, segment, thermal  # noqa: F401
+from . import detect_af  # noqa: F401
 from .classify import SimpleCNN
 from .detect import SimpleYOLO, decode_yolo, yolo_loss
 from .modeldir import ModelMeta, default_meta, input_size_for, load_meta, load_model_dir, save_model_dir

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .detect import decode_yolo
-from .modeldir import ModelMeta, build_for, default_meta, load_model_dir
+from .modeldir import WEIGHTS, ModelMeta, build_for, default_meta, load_model_dir
 from .registry import ModelError
 from .thermal import find_hotspots, radiometric_stats, to_kelvin
 
 # Thermal frames that arrive as centikelvin integers (DESIGN §3); uint8 ones carry no temperature.
 _RADIOMETRIC = (torch.uint16, torch.int16, torch.int32, torch.int64)
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 class Predictor:
@@ -23,6 +26,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.meta = meta
         self.task, self.arch, self.version = meta.task, meta.arch, meta.version
+        self.runtime = getattr(model, "runtime", "torch")  # "onnx" for export.OnnxModule
         c = meta.channels
         mean = torch.tensor(meta.normalisation["mean"], dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         std = torch.tensor(meta.normalisation["std"], dtype=torch.float32, device=self.device).view(1, c, 1, 1)
@@ -35,14 +39,33 @@ class Predictor:
         return f"{self.arch}@{self.version}"
 
     @classmethod
-    def from_spec(cls, task: str, *, path: str | None = None, arch: str | None = None, device: str = "cpu") -> "Predictor":
-        """A trained model directory (`path`), or else an untrained `arch` with default metadata."""
+    def from_spec(cls, task: str, *, path: str | None = None, arch: str | None = None, device: str = "cpu",
+                  runtime: str = "auto") -> "Predictor":
+        """A trained model directory (`path`), or else an untrained `arch` with default metadata.
+
+        `runtime`: "torch" runs `model.pt` eagerly; "onnx" runs `model.onnx` through ONNX Runtime;
+        "auto" (default) is "torch" when the directory has `model.pt`, "onnx" when it has only `model.onnx`.
+        """
+        if runtime not in RUNTIMES:
+            raise ModelError(f"runtime {runtime!r}: must be one of {', '.join(RUNTIMES)}")
         if path is not None:
-            model, meta = load_model_dir(path, device)
+            from .export import ONNX
+
+            if runtime == "auto":
+                only_onnx = not (Path(path) / WEIGHTS).exists() and (Path(path) / ONNX).is_file()
+                runtime = "onnx" if only_onnx else "torch"
+            if runtime == "onnx":
+                from .export import load_onnx_dir
+
+                model, meta = load_onnx_dir(path, device)
+            else:
+                model, meta = load_model_dir(path, device)
             if arch is not None and arch != meta.arch:
                 raise ModelError(f"{path}: holds a {meta.arch!r} model, but arch {arch!r} was asked for")
             where = str(path)
         elif arch is not None:
+            if runtime == "onnx":
+                raise ModelError(f"architecture {arch!r}: the onnx runtime needs a model directory with a model.onnx")
             meta = default_meta(arch)
             model, where = build_for(meta), f"architecture {arch!r}"
         else:
@@ -91,8 +114,13 @@ class Predictor:
     def _detect(self, batch: torch.Tensor) -> list[dict]:
         raw = self.model(self._normalise(batch))
         th = self.meta.thresholds
-        dets = decode_yolo(raw, th["conf"], th["iou"], tuple(batch.shape[1:3]),
-                           boxes=int(self.meta.options.get("boxes", 2)))
+        if self.arch == "anchor_free":
+            from .detect_af import decode_anchor_free
+
+            dets = decode_anchor_free(raw, th["conf"], th["iou"], tuple(batch.shape[1:3]))
+        else:
+            dets = decode_yolo(raw, th["conf"], th["iou"], tuple(batch.shape[1:3]),
+                               boxes=int(self.meta.options.get("boxes", 2)))
         counts = [len(d) for d in dets]
         rows = torch.cat(dets).cpu().tolist()  # one device→host copy for the batch
         classes, out, start = list(self.meta.classes), [], 0

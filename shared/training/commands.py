@@ -1,4 +1,7 @@
-"""`plantsight synth | train | eval` subcommands; `add_parsers` is wired into services/cli.py."""
+"""`plantsight synth | train | eval | export | explain`; `add_parsers` is wired into services/cli.py.
+
+Nothing heavy is imported at module level: torch, ONNX and OpenCV load when a command runs.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +11,25 @@ import sys
 
 from shared.config import TASKS  # not shared.models: the CLI must start without importing torch
 
-__all__ = ["add_parsers", "cmd_synth", "cmd_train", "cmd_eval"]
+__all__ = ["add_parsers", "cmd_synth", "cmd_train", "cmd_eval", "cmd_export", "cmd_explain"]
+
+FORMATS = ("onnx", "torchscript")
 
 # Keys printed first in text output (the issue's --json keys); everything else follows in --json.
 HEADLINE = ("accuracy", "macro_f1", "map50", "map50_95", "dice", "iou", "image_auroc",
             "mae_max_k", "mae_avg_k", "mae_min_k")
 
 
-def _errors():
-    from shared.data.datasets import DataError
-    from shared.models import ModelError
-
-    return DataError, ModelError
-
-
 def _guarded(fn):
-    """Run a command; data and model errors become one line on stderr and exit code 2."""
+    """Run a command; data, model and value errors become one line on stderr and exit code 2."""
 
     name = fn.__name__.removeprefix("cmd_")
 
     def run(args) -> int:
         try:
             return fn(args)
-        except _errors() as e:
-            print(f"plantsight {name}: {e}", file=sys.stderr)
+        except ValueError as e:  # DataError, ModelError, ExportError are ValueErrors
+            print(f"plantsight {name}: {e}".replace("\n", " "), file=sys.stderr)
             return 2
         except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
             print(f"plantsight {name}: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
@@ -105,8 +103,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+@_guarded
+def cmd_export(args) -> int:
+    from shared.models.export import export_model
+
+    path = export_model(args.model, args.format, args.out)
+    print(f"exported {args.model} as {args.format} to {path} (outputs match the eager model)")
+    return 0
+
+
+@_guarded
+def cmd_explain(args) -> int:
+    from shared.models.gradcam import explain_image
+
+    info = explain_image(args.model, args.image, args.out, layer=args.layer, device=_device(args.device))
+    print(f"{info['label']} {info['prob']:.3f} (Grad-CAM of layer {info['layer']}) -> {args.out}")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add `synth`, `train` and `eval` to the plantsight command line (DESIGN §8)."""
+    """Add `synth`, `train`, `eval`, `export` and `explain` to the plantsight command line (DESIGN §8)."""
     sy = sub.add_parser("synth", help="write a synthetic dataset of a task's scene in its training layout")
     sy.add_argument("task", choices=TASKS)
     sy.add_argument("--out", required=True, metavar="DIR")
@@ -143,3 +167,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default="auto", metavar="D")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ev.set_defaults(fn=cmd_eval)
+
+    ex = sub.add_parser("export", help="export a model directory to ONNX or TorchScript, checked against eager")
+    ex.add_argument("--model", required=True, metavar="MODEL_DIR")
+    ex.add_argument("--format", required=True, choices=FORMATS)
+    ex.add_argument("--out", metavar="PATH", help="default MODEL_DIR/model.onnx or MODEL_DIR/model.ts")
+    ex.set_defaults(fn=cmd_export)
+
+    xp = sub.add_parser("explain", help="Grad-CAM of a classifier on an image, written as an overlay PNG")
+    xp.add_argument("image", metavar="IMAGE")
+    xp.add_argument("--model", required=True, metavar="MODEL_DIR")
+    xp.add_argument("--out", required=True, metavar="PNG")
+    xp.add_argument("--layer", metavar="NAME", help="module name of the layer (default: the last Conv2d)")
+    xp.add_argument("--device", default="cpu", metavar="D", help="cpu, cuda, cuda:1, mps or auto")
+    xp.set_defaults(fn=cmd_explain)

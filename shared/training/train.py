@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shared.models import ModelError, Predictor, build, default_meta, dice_bce_loss, save_model_dir, yolo_loss
+from shared.models.detect_af import ARCH as ANCHOR_FREE
+from shared.models.detect_af import anchor_free_loss
 from shared.models.registry import TASKS, get
 
 from . import plots
@@ -28,7 +30,7 @@ __all__ = ["train", "DEFAULTS", "TRANSFER_ARCHS", "compute_loss", "train_step", 
 # Sized for a few hundred synthetic images on two CPU cores; a GPU run may raise epochs/batch.
 DEFAULTS = {
     "classify": {"arch": "simple_cnn", "epochs": 15, "batch_size": 16, "lr": 5e-4},
-    "detect": {"arch": "simple_yolo", "epochs": 40, "batch_size": 8, "lr": 1e-3},
+    "detect": {"arch": "anchor_free", "epochs": 12, "batch_size": 8, "lr": 2e-3, "n": 400},
     "segment": {"arch": "unet_small", "epochs": 20, "batch_size": 8, "lr": 1e-3},
     "thermal": {"arch": "thermal_cnn", "epochs": 30, "batch_size": 16, "lr": 1e-3},
 }
@@ -44,12 +46,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compute_loss(task: str, out: torch.Tensor, target, *, boxes: int = 2) -> torch.Tensor:
-    """The task's training loss, in float32 whatever autocast produced."""
+def compute_loss(task: str, out: torch.Tensor, target, *, boxes: int = 2, arch: str | None = None,
+                 input_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The task's training loss, in float32 whatever autocast produced.
+
+    detect: `arch` picks the loss — the anchor-free detector's FCOS loss (which needs the network's
+    `input_size`, default 448×448) or else SimpleYOLO's YOLO loss.
+    """
     out = out.float()
     if task == "classify":
         return F.cross_entropy(out, target)
     if task == "detect":
+        if arch == ANCHOR_FREE:
+            return anchor_free_loss(out, target, tuple(input_size) if input_size else (448, 448))
         return yolo_loss(out, target, boxes=boxes)
     if task == "segment":
         return dice_bce_loss(out, target)
@@ -67,7 +76,8 @@ def train_step(model: nn.Module, predictor: Predictor, opt, x, target, *, scaler
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
         out = model(inp)
-    loss = compute_loss(task, out, tgt, boxes=int(predictor.meta.options.get("boxes", 2)))
+    loss = compute_loss(task, out, tgt, boxes=int(predictor.meta.options.get("boxes", 2)), arch=predictor.arch,
+                        input_size=tuple(inp.shape[-2:]))
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{task} loss became {loss.item()}: lower --lr")
     if scaler is not None and scaler.is_enabled():

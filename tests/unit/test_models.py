@@ -12,7 +12,8 @@ from shared.models import (
     describe, dice_bce_loss, find_hotspots, load_model_dir, radiometric_stats, register, save_model_dir, yolo_loss,
 )
 
-ALL_ARCHS = {"simple_cnn", "resnet18", "resnet50", "efficientnet_b0", "simple_yolo", "unet", "unet_small", "thermal_cnn"}
+ALL_ARCHS = {"simple_cnn", "resnet18", "resnet50", "efficientnet_b0", "simple_yolo", "anchor_free", "unet", "unet_small",
+             "thermal_cnn"}
 
 
 @pytest.fixture(autouse=True)
