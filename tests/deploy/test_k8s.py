@@ -1,0 +1,137 @@
+"""deploy/k8s: assembled with `kubectl kustomize`, validated with kubernetes-validate, and cross-checked
+with the plantsight config it carries (ports, streams, consumer groups, secrets)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.cli import parser as cli_parser
+from shared.config import load_config
+from tests.deploy.helpers import CRDS, K8S, RUNNABLE, load_yaml, need, run
+
+
+def kustomize(path: Path) -> list[dict]:
+    kubectl = need("kubectl", "kubectl")
+    res = run([kubectl, "kustomize", path])
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def k8s_base():
+    return kustomize(K8S)
+
+
+@pytest.fixture(scope="module")
+def k8s_gpu():
+    return kustomize(K8S / "overlays" / "gpu")
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+
+def test_k8s_resources_validate(k8s_base, k8s_gpu):
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    version = kv.latest_version()
+    checked = 0
+    for doc in k8s_base + k8s_gpu:
+        if doc["kind"] in CRDS:
+            continue
+        kv.validate(doc, version, strict=True)  # raises ValidationError naming the field
+        checked += 1
+    assert checked >= 20
+    broken = json.loads(json.dumps(by_kind(k8s_base, "Deployment")["infer"]))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["pathh"] = "/healthz"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, version, strict=True)
+
+
+def test_k8s_deployments(k8s_base):
+    deployments = by_kind(k8s_base, "Deployment")
+    assert set(deployments) == set(RUNNABLE)
+    (cm,) = by_kind(k8s_base, "ConfigMap").values()
+    cfg = load_config(data=yaml.safe_load(cm["data"]["plantsight.yaml"]), environ={"REDIS_PASSWORD": "x"})
+    secret_names = {d["metadata"]["name"] for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())}
+    services = by_kind(k8s_base, "Service")
+    for name, dep in deployments.items():
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        args = cli_parser().parse_args(c["args"])
+        assert args.service == name
+        port = next(p for p in c["ports"] if p["name"] == "http")["containerPort"]
+        assert port == cfg.port(name)
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False  # Pod Security "restricted":
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {})  # the base is CPU
+        refs = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e]
+        assert any(r["name"] == "plantsight-redis" and r["key"] == "redis-password" for r in refs)
+        assert {r["name"] for r in refs} <= secret_names
+        assert not any("value" in e and "PASSWORD" in e["name"] for e in c["env"])  # no secret values inline
+        (vol,) = [v for v in pod["volumes"] if "configMap" in v]
+        assert vol["configMap"]["name"] == cm["metadata"]["name"]  # the generated, hashed name
+        mount = next(m for m in c["volumeMounts"] if m["name"] == vol["name"])
+        assert args.config == f"{mount['mountPath']}/plantsight.yaml"
+        assert services[name]["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert "Secret" not in {d["kind"] for d in k8s_base}  # the operator creates it
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        assert "secret.example.yaml" not in load_yaml(kustomization).get("resources", []), kustomization
+    pdbs = by_kind(k8s_base, "PodDisruptionBudget")
+    assert {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for p in pdbs.values()} >= {
+        "preprocess", "infer"}
+
+
+def test_k8s_gpu_overlay(k8s_gpu):
+    (c,) = by_kind(k8s_gpu, "Deployment")["infer"]["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "PLANTSIGHT_INFERENCE__DEVICE", "value": "cuda"} in c["env"]
+    assert c["image"].endswith("-cuda")
+    assert any(e["name"] == "REDIS_PASSWORD" for e in c["env"])  # the patch merges, it does not replace
+    for name in ("ingest", "preprocess", "alert"):
+        (other,) = by_kind(k8s_gpu, "Deployment")[name]["spec"]["template"]["spec"]["containers"]
+        assert "nvidia.com/gpu" not in other["resources"].get("limits", {})
+
+
+def test_k8s_podmonitor_and_keda(k8s_base):
+    (pm,) = by_kind(k8s_base, "PodMonitor").values()
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    labels = pm["spec"]["selector"]["matchLabels"]
+    deployments = by_kind(k8s_base, "Deployment")
+    for name, dep in deployments.items():
+        tmpl = dep["spec"]["template"]
+        assert labels.items() <= tmpl["metadata"]["labels"].items(), f"{name} is not scraped"
+        assert tmpl["metadata"]["labels"][pm["spec"]["jobLabel"]] == f"plantsight-{name}"  # rules' job names
+        ports = {p["name"] for p in tmpl["spec"]["containers"][0]["ports"]}
+        assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
+    assert all(e["path"] == "/metrics" for e in pm["spec"]["podMetricsEndpoints"])
+
+    (so,) = by_kind(k8s_base, "ScaledObject").values()
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert so["spec"]["scaleTargetRef"]["name"] == "infer" and "infer" in deployments
+    assert 1 <= so["spec"]["minReplicaCount"] < so["spec"]["maxReplicaCount"]
+    (cm,) = by_kind(k8s_base, "ConfigMap").values()
+    cfg = load_config(data=yaml.safe_load(cm["data"]["plantsight.yaml"]), environ={"REDIS_PASSWORD": "x"})
+    auths = by_kind(k8s_base, "TriggerAuthentication")
+    triggered = set()
+    for trig in so["spec"]["triggers"]:
+        assert trig["type"] == "redis-streams"
+        meta = trig["metadata"]
+        task = meta["consumerGroup"].removeprefix("infer-")
+        assert meta["stream"] == f"{cfg.redis.prefix}:prepared:{task}"
+        assert int(meta["pendingEntriesCount"]) > 0
+        assert meta["address"].split(":")[0] in cfg.redis.url
+        assert trig["authenticationRef"]["name"] in auths
+        triggered.add(task)
+    assert triggered == set(cfg.tasks())
+    for auth in auths.values():
+        assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}
