@@ -8,6 +8,7 @@ PATH) is started for the run.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import shutil
@@ -89,6 +90,14 @@ class EmbeddedRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when the supervisor dies, even by SIGKILL, so no service is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux/glibc: children outlive a killed supervisor there
+        pass
+
+
 @dataclass
 class Child:
     service: str
@@ -124,7 +133,7 @@ class Supervisor:
                 self.children.append(Child(name, replica, port, args))
 
     def start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.args, env=self.env)
+        child.proc = subprocess.Popen(child.args, env=self.env, preexec_fn=_die_with_parent)
         child.started = time.monotonic()
 
     def run(self, seconds: float | None) -> int:

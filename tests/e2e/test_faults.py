@@ -25,7 +25,7 @@ def ready(up: Up, service: str) -> int | None:
         return None
 
 
-def test_services_ride_out_a_redis_restart_without_losing_or_repeating_frames(tmp_path, service_ports):
+def test_services_ride_out_a_redis_restart_without_losing_or_repeating_frames(tmp_path, service_ports, request):
     server = RedisServer(appendonly=True)
     try:
         n = 40
@@ -36,6 +36,7 @@ def test_services_ride_out_a_redis_restart_without_losing_or_repeating_frames(tm
                "inference": {"device": "cpu", "max_batch": 4, "max_wait_ms": 20, "threads": 1},
                "streams": {"claim_idle_ms": 1500}}
         up = Up(cfg, tmp_path, server.client())
+        request.addfinalizer(lambda: up.proc.poll() is None and up.stop())
         up.wait_for(lambda: all(ready(up, s) == 200 for s in SERVICES), 60, "all services ready")
         up.wait_for(lambda: len(up.results()) >= 5, 60, "first results")
         server.stop()

@@ -79,7 +79,7 @@ def test_a_wrong_key_or_type_stops_the_start_with_its_name(tmp_path):
     assert out.returncode == 2 and "inference.max_batch" in out.stderr
 
 
-def test_secrets_never_reach_logs_or_config_check(tmp_path, up_pipeline, service_ports):
+def test_secrets_never_reach_logs_or_config_check(tmp_path, up_pipeline, service_ports, request):
     """Redis with AUTH (password from the environment) and a signed webhook; neither secret is printed."""
     redis_pw, hook_secret = "s3cret-redis-Pw-81723", "s3cret-hook-KEY-55190"
     server = RedisServer()
@@ -105,6 +105,7 @@ def test_secrets_never_reach_logs_or_config_check(tmp_path, up_pipeline, service
         with open(log, "wb") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", str(path)], cwd=ROOT,
                                     env=env, stdout=fh, stderr=subprocess.STDOUT)
+            request.addfinalizer(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
             client = redis.Redis(port=server.port, password=redis_pw)
             deadline = time.monotonic() + 120
             # The webhook target is down: the delivery is retried, then dead-lettered (its error is logged).
@@ -257,3 +258,19 @@ def msgpack_seq(fields) -> int:
     import msgpack
 
     return msgpack.unpackb(fields[b"m"], raw=False)["seq"]
+
+
+def test_services_do_not_outlive_a_killed_supervisor(up_pipeline):
+    cams = [{"id": "t1", "source": "synthetic://thermal", "fps": 5, "tasks": ["thermal"]}]
+    up = up_pipeline(cams)
+    up.wait_for(lambda: len(up.results()) >= 1, 120, "a result")
+    pids = [child_pid(up, s) for s in ("ingest", "preprocess", "infer", "alert")]
+    up.proc.kill()
+    up.proc.wait()
+    deadline = time.monotonic() + 15
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and
+                 open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+        time.sleep(0.2)
+    assert alive == []

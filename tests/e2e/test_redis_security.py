@@ -47,7 +47,7 @@ def tls_redis(tmp_path):
     proc.wait(10)
 
 
-def test_pipeline_runs_over_tls_as_an_acl_user(tls_redis, tmp_path, service_ports):
+def test_pipeline_runs_over_tls_as_an_acl_user(tls_redis, tmp_path, service_ports, request):
     port, cert = tls_redis
     cfg = {"redis": {"url": f"rediss://127.0.0.1:{port}/0", "prefix": "line-a", "username": "plant-line-a",
                      "password_env": "LINE_A_REDIS_PASSWORD", "tls_ca_file": str(cert)},
@@ -64,6 +64,7 @@ def test_pipeline_runs_over_tls_as_an_acl_user(tls_redis, tmp_path, service_port
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", str(path)], cwd=ROOT,
                                 env=env, stdout=fh, stderr=subprocess.STDOUT)
+        request.addfinalizer(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and client.xlen("line-a:results") < 5:
             time.sleep(0.3)
