@@ -31,8 +31,9 @@ def child_pid(up, service: str) -> int:
 def test_a_killed_worker_loses_nothing_and_duplicates_nothing(up_pipeline, r, victim):
     """kill -9 mid-stream: the restarted worker (a new consumer) claims the dead one's pending entries."""
     n = 48
-    cams = [{"id": f"cam-{i}", "source": f"synthetic://process?seed={i}", "fps": 12, "tasks": ["classify"],
-             "on_full": "block", "max_frames": n, "queue": 4} for i in (1, 2)]
+    # Large frames keep preprocess busy long enough to be caught holding unacknowledged entries.
+    cams = [{"id": f"cam-{i}", "source": f"synthetic://process?seed={i}&w=1280&h=960", "fps": 12,
+             "tasks": ["classify"], "on_full": "block", "max_frames": n, "queue": 4} for i in (1, 2)]
     up = up_pipeline(cams, inference={"device": "cpu", "max_batch": 4, "max_wait_ms": 50, "threads": 1},
                      streams={"claim_idle_ms": 1500})
     up.wait_for(lambda: len(up.results()) >= 6, 120, "first results")
