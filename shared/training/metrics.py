@@ -183,9 +183,11 @@ def thermal_mae(pred, target) -> dict:
     p = np.asarray(pred, dtype=np.float64).reshape(-1, 3)
     t = np.asarray(target, dtype=np.float64).reshape(-1, 3)
     if len(p) == 0:
-        return {"mae_max_k": float("nan"), "mae_avg_k": float("nan"), "mae_min_k": float("nan")}
+        return {"mae_max_k": float("nan"), "mae_avg_k": float("nan"), "mae_min_k": float("nan"),
+                "mae_k": float("nan")}
     err = np.abs(p - t).mean(0)
-    return {"mae_max_k": float(err[0]), "mae_avg_k": float(err[1]), "mae_min_k": float(err[2])}
+    return {"mae_max_k": float(err[0]), "mae_avg_k": float(err[1]), "mae_min_k": float(err[2]),
+            "mae_k": float(err.mean())}  # the three together: what a checkpoint is chosen on
 
 
 def segmentation_metrics(preds: list, targets: list, scores=None) -> dict:

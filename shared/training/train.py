@@ -28,11 +28,14 @@ from .evaluate import MAIN_METRIC, _load_split, evaluate_dataset, jsonable, reso
 __all__ = ["train", "DEFAULTS", "TRANSFER_ARCHS", "compute_loss", "train_step", "seed_everything"]
 
 # Sized for a few hundred synthetic images on two CPU cores; a GPU run may raise epochs/batch.
+# `n`: the synthetic images bench/quality.py writes for training (split 80/20 into train/val).
+# detect: the anchor-free multi-scale detector (shared/models/detect_af.py) — SimpleYOLO sees one
+# object per 32-px cell and misses hot spots on equipment; `--arch simple_yolo` still trains it.
 DEFAULTS = {
-    "classify": {"arch": "simple_cnn", "epochs": 15, "batch_size": 16, "lr": 5e-4},
+    "classify": {"arch": "simple_cnn", "epochs": 15, "batch_size": 16, "lr": 5e-4, "n": 500},
     "detect": {"arch": "anchor_free", "epochs": 12, "batch_size": 8, "lr": 2e-3, "n": 400},
-    "segment": {"arch": "unet_small", "epochs": 20, "batch_size": 8, "lr": 1e-3},
-    "thermal": {"arch": "thermal_cnn", "epochs": 30, "batch_size": 16, "lr": 1e-3},
+    "segment": {"arch": "unet_small", "epochs": 20, "batch_size": 8, "lr": 1e-3, "n": 500},
+    "thermal": {"arch": "thermal_cnn", "epochs": 30, "batch_size": 16, "lr": 1e-3, "n": 500},
 }
 # Builder options used on CPU unless given: the chapter's SimpleYOLO at half width is ~4× cheaper.
 CPU_OPTIONS = {"simple_yolo": {"width": 0.5}}

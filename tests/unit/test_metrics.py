@@ -107,4 +107,5 @@ def test_auroc_with_ties_and_single_class():
 def test_thermal_mae():
     pred = [[400.0, 310.0, 290.0], [380.0, 300.0, 280.0]]
     target = [[401.0, 309.0, 290.0], [377.0, 300.0, 282.0]]
-    assert M.thermal_mae(pred, target) == pytest.approx({"mae_max_k": 2.0, "mae_avg_k": 0.5, "mae_min_k": 1.0})
+    assert M.thermal_mae(pred, target) == pytest.approx({"mae_max_k": 2.0, "mae_avg_k": 0.5, "mae_min_k": 1.0,
+                                                         "mae_k": 3.5 / 3})
