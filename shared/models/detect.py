@@ -93,14 +93,20 @@ def decode_yolo(
 
     img, j = (score >= conf_threshold).nonzero(as_tuple=True)
     xyxy, score, cls = xyxy[img, j], score[img, j], cls[img, j]
+    return nms_per_image(xyxy, score, cls, img, n, cls_prob.shape[-1], iou_threshold, max_det)
+
+
+def nms_per_image(boxes: torch.Tensor, score: torch.Tensor, cls: torch.Tensor, img: torch.Tensor, n: int,
+                  num_classes: int, iou_threshold: float, max_det: int) -> list[torch.Tensor]:
+    """Candidates of a whole batch -> per image Tensor[K,6] (x1,y1,x2,y2,score,cls), best first, at most max_det."""
     # One NMS call for the whole batch: the group id keeps images and classes apart.
-    keep = torchvision.ops.batched_nms(xyxy, score, img * max(cls_prob.shape[-1], 1) + cls, iou_threshold)
+    keep = torchvision.ops.batched_nms(boxes, score, img * max(num_classes, 1) + cls, iou_threshold)
     keep = keep[torch.argsort(img[keep], stable=True)]  # group by image, still best first within each
     img_k = img[keep]
     counts = torch.bincount(img_k, minlength=n)
-    rank = torch.arange(len(keep), device=raw.device) - (torch.cumsum(counts, 0) - counts)[img_k]
+    rank = torch.arange(len(keep), device=boxes.device) - (torch.cumsum(counts, 0) - counts)[img_k]
     keep, img_k = keep[rank < max_det], img_k[rank < max_det]
-    dets = torch.cat([xyxy[keep], score[keep, None], cls[keep, None].to(xyxy.dtype)], 1)
+    dets = torch.cat([boxes[keep], score[keep, None], cls[keep, None].to(boxes.dtype)], 1)
     return list(torch.split(dets, torch.bincount(img_k, minlength=n).tolist()))
 
 

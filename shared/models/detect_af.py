@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .detect import nms_per_image
 from .registry import register
 
 __all__ = ["AnchorFreeDet", "ARCH", "STRIDES", "SIZE_RANGES", "decode_anchor_free", "anchor_free_loss",
@@ -161,15 +162,7 @@ def decode_anchor_free(
     ok = top >= conf_threshold
     img, top, idx = img[ok], top[ok], idx[ok]
     loc, cls = idx // nc, idx % nc
-    boxes = xyxy[img, loc]
-    keep = torchvision.ops.batched_nms(boxes, top, img * max(nc, 1) + cls, iou_threshold)
-    keep = keep[torch.argsort(img[keep], stable=True)]  # grouped by image, best first within each
-    img_k = img[keep]
-    counts = torch.bincount(img_k, minlength=n)
-    rank = torch.arange(len(keep), device=raw.device) - (torch.cumsum(counts, 0) - counts)[img_k]
-    keep, img_k = keep[rank < max_det], img_k[rank < max_det]
-    dets = torch.cat([boxes[keep], top[keep, None], cls[keep, None].to(boxes.dtype)], 1)
-    return list(torch.split(dets, torch.bincount(img_k, minlength=n).tolist()))
+    return nms_per_image(xyxy[img, loc], top, cls, img, n, nc, iou_threshold, max_det)
 
 
 def anchor_free_targets(
