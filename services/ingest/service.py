@@ -29,6 +29,30 @@ STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
 
 
+class StillImage:
+    """Tells a frozen camera (the same picture over and over, give or take sensor noise) from a live one.
+
+    Each image is shrunk to 32×24 and compared with the first image of the still period, not with the
+    previous frame: a slowly moving scene (a line creeping past) differs little from frame to frame
+    but drifts away from that reference, while a frozen one never does.
+    """
+
+    TOLERANCE = 0.5  # mean absolute difference on the 8-bit scale
+
+    def __init__(self):
+        self.reference: np.ndarray | None = None
+
+    def update(self, image: np.ndarray) -> tuple[bool, float]:
+        """(still, mean 8-bit level) for the next image."""
+        thumb = cv2.resize(image, (32, 24), interpolation=cv2.INTER_AREA).astype(np.float32)
+        if image.dtype == np.uint16:
+            thumb /= 257.0  # compare on the 8-bit scale
+        still = self.reference is not None and float(np.abs(thumb - self.reference).mean()) < self.TOLERANCE
+        if not still:
+            self.reference = thumb
+        return still, float(thumb.mean())
+
+
 class CameraWorker(threading.Thread):
     """Reads one camera until stopped; never gives up on a camera that fails."""
 
@@ -41,7 +65,7 @@ class CameraWorker(threading.Thread):
         self.frames_read = 0
         self.log = svc.log.getChild(cam.id)
         self._fps_t, self._fps_n = time.monotonic(), 0
-        self._thumb = None  # last frame, shrunk, to tell a frozen image
+        self.still = StillImage()
         self.status = {"up": 0, "fps": 0.0, "last_frame": 0.0, "frozen_since": 0.0, "black_since": 0.0,
                        "reconnects": 0, "error": ""}
 
@@ -152,13 +176,9 @@ class CameraWorker(threading.Thread):
 
     def check_image(self, image) -> None:
         """Track since when the image is unchanged (frozen) or dark (black), for the health alerts."""
-        thumb = cv2.resize(image, (32, 24), interpolation=cv2.INTER_AREA).astype(np.float32)
-        if image.dtype == np.uint16:
-            thumb /= 257.0  # compare on the 8-bit scale
+        frozen, mean8 = self.still.update(image)
+        black = image.dtype == np.uint8 and mean8 < self.cam.black_level
         now = time.time()
-        frozen = self._thumb is not None and float(np.abs(thumb - self._thumb).mean()) < 0.5
-        black = image.dtype == np.uint8 and float(thumb.mean()) < self.cam.black_level
-        self._thumb = thumb
         self.status["last_frame"] = now
         self.status["frozen_since"] = (self.status["frozen_since"] or now) if frozen else 0.0
         self.status["black_since"] = (self.status["black_since"] or now) if black else 0.0

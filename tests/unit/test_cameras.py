@@ -249,3 +249,20 @@ def test_backoff_reset():
     assert b.attempts == 0 and b.ceiling == 1.0 and b.next() <= 1.0
     with pytest.raises(ValueError):
         Backoff(base=0, cap=1)
+
+
+def test_a_slowly_moving_line_is_not_frozen_but_a_repeated_picture_is():
+    from services.ingest.service import StillImage
+    from shared.data.synthetic import make_scene
+
+    scene = make_scene("surface", seed=3)
+    moving = StillImage()
+    verdicts = [moving.update(scene.render(seq)[0])[0] for seq in range(60)]
+    assert not all(verdicts[1:]), "a line creeping past must not read as frozen for 60 frames"
+    assert sum(verdicts) < 50
+
+    still = StillImage()
+    frame = scene.render(0)[0]
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(frame + rng.normal(0, 1.0, frame.shape), 0, 255).astype(np.uint8) for _ in range(20)]
+    assert [still.update(img)[0] for img in noisy] == [False] + [True] * 19
