@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -29,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.config import Config
 from shared.streams import connect
 
-PIPELINE = ("ingest", "preprocess", "infer", "alert")
+PIPELINE = ("ingest", "preprocess", "infer", "alert", "viewer")
 STOP_GRACE_S = 15.0
 STATUS_EVERY_S = 10.0
 
@@ -220,6 +222,7 @@ def up(cfg: Config, run_args: list[str], seconds: float | None, redis_url: str |
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
     if redis_url:
         env["PLANTSIGHT_REDIS__URL"] = redis_url
+    viewer_token(env)
     embedded = None
     try:
         connect(cfg.redis).ping()
@@ -237,6 +240,23 @@ def up(cfg: Config, run_args: list[str], seconds: float | None, redis_url: str |
         if embedded:
             embedded.stop()
             say("embedded redis-server stopped")
+
+
+def viewer_token(env: dict[str, str]) -> None:
+    """The viewer needs a token; when none is set, use (or make) one in the user's config directory, readable
+    only by them, and say where it is — the token itself is never printed."""
+    if any(env.get(v) for v in ("PLANTSIGHT_VIEWER_TOKEN", "PLANTSIGHT_VIEWER_TOKEN_FILE",
+                                "PLANTSIGHT_VIEWER_OPERATOR_TOKEN", "PLANTSIGHT_VIEWER_OPERATOR_TOKEN_FILE")):
+        return
+    path = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "plantsight" / "viewer-token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+    env["PLANTSIGHT_VIEWER_OPERATOR_TOKEN_FILE"] = str(path)
+    say(f"viewer: log in with the operator token in {path} (made for you; set PLANTSIGHT_VIEWER_TOKEN / "
+        "PLANTSIGHT_VIEWER_OPERATOR_TOKEN to choose your own)")
 
 
 def tasks_line(cfg: Config) -> str:

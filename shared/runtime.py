@@ -9,6 +9,7 @@ second signal exits at once.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import random
@@ -16,7 +17,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -45,29 +50,122 @@ def setup_logging(level: str = "INFO", service: str = "plantsight") -> None:
                         format=f"%(asctime)s %(levelname)s {service}[%(process)d] %(name)s: %(message)s")
 
 
+@dataclass
+class HttpRequest:
+    """One HTTP request as a service's `handle_http` sees it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Mapping[str, str]
+    body: bytes = b""
+
+
+@dataclass
+class HttpResponse:
+    """A reply; ``body`` may be an iterator of chunks (a live stream, ended when the client goes)."""
+
+    code: int = 200
+    body: bytes | Iterable[bytes] = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+MAX_REQUEST_BYTES = 1 << 20
+
+
 class _Handler(BaseHTTPRequestHandler):
     service: "Service"
+    protocol_version = "HTTP/1.1"
+
+    def _builtin(self, path: str) -> HttpResponse | None:
+        if path == "/metrics":
+            return HttpResponse(200, generate_latest(), CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            ok = self.service.healthy()
+            return HttpResponse(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
+        if path == "/readyz":
+            ok = self.service.ready()
+            return HttpResponse(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+        return None
+
+    def _serve(self, method: str) -> None:
+        url = urlsplit(self.path)
+        resp = self._builtin(url.path) if method == "GET" else None
+        if resp is None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_REQUEST_BYTES:
+                resp = HttpResponse(413, b"request body too large\n")
+            else:
+                req = HttpRequest(method, url.path, parse_qs(url.query), self.headers,
+                                  self.rfile.read(length) if length else b"")
+                try:
+                    resp = self.service.handle_http(req) or HttpResponse(404, b"not found\n")
+                except Exception:  # a bug in one page must not take the service down
+                    self.service.log.exception("HTTP %s %s failed", method, url.path)
+                    resp = HttpResponse(500, b"internal error\n")
+        self.send_response(resp.code)
+        self.send_header("Content-Type", resp.content_type)
+        for k, v in resp.headers.items():
+            self.send_header(k, v)
+        if isinstance(resp.body, (bytes, bytearray)):
+            self.send_header("Content-Length", str(len(resp.body)))
+            self.end_headers()
+            if method != "HEAD":
+                self.wfile.write(resp.body)
+            return
+        self.send_header("Connection", "close")  # a stream ends when either side closes
+        self.close_connection = True
+        self.end_headers()
+        if method == "HEAD":
+            return
+        try:
+            for chunk in resp.body:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the viewer closed the tab
+        finally:
+            close = getattr(resp.body, "close", None)
+            if close:
+                close()
 
     def do_GET(self):  # noqa: N802 (http.server API)
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            body, ctype, code = generate_latest(), CONTENT_TYPE_LATEST, 200
-        elif path == "/healthz":
-            ok = self.service.healthy()
-            body, ctype, code = (b"ok\n" if ok else b"stalled\n"), "text/plain", 200 if ok else 503
-        elif path == "/readyz":
-            ok = self.service.ready()
-            body, ctype, code = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
-        else:
-            body, ctype, code = b"not found\n", "text/plain", 404
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._serve("GET")
+
+    def do_HEAD(self):  # noqa: N802
+        self._serve("HEAD")
+
+    def do_POST(self):  # noqa: N802
+        self._serve("POST")
 
     def log_message(self, fmt, *args):  # scrapes every few seconds would flood the log
         pass
+
+
+def services_key(prefix: str) -> str:
+    return f"{prefix}:services"
+
+
+def service_heartbeats(r: redis.Redis, prefix: str, stale_s: float = 15.0) -> list[dict]:
+    """Every process's last heartbeat, newest state first; ``up`` is false when it is older than `stale_s`
+    (entries of processes silent for an hour are removed)."""
+    now, out, gone = time.time(), [], []
+    for field_, raw in r.hgetall(services_key(prefix)).items():
+        try:
+            beat = json.loads(raw)
+        except ValueError:
+            gone.append(field_)
+            continue
+        age = now - float(beat.get("ts", 0))
+        if age > 3600:
+            gone.append(field_)
+            continue
+        beat.update(id=field_.decode(), age_s=round(age, 1), up=age <= stale_s)
+        out.append(beat)
+    if gone:
+        r.hdel(services_key(prefix), *gone)
+    return sorted(out, key=lambda b: (b["service"], b["replica"], b["id"]))
 
 
 class Service:
@@ -108,12 +206,23 @@ class Service:
     def close(self) -> None:
         """Release resources after the loop has ended."""
 
+    def handle_http(self, req: HttpRequest) -> HttpResponse | None:
+        """Routes beyond /metrics, /healthz and /readyz (None: 404). Runs on the HTTP server's threads."""
+        return None
+
     # --- health -------------------------------------------------------------------
     def healthy(self) -> bool:
         return time.monotonic() - self._beat < max(30.0, self.drain_s * 3)
 
     def ready(self) -> bool:
         return self._connected and not self.stop.is_set()
+
+    def heartbeat(self) -> None:
+        """``{P}:services`` holds each running process's last word, so anyone (the viewer, an operator
+        with redis-cli) sees every replica on every host without knowing where it runs."""
+        self.r.hset(services_key(self.names.prefix), self.consumer, json.dumps({
+            "service": self.name, "replica": self.replica, "host": os.uname().nodename, "pid": os.getpid(),
+            "port": self.port, "ready": self.ready(), "healthy": self.healthy(), "ts": time.time()}))
 
     # --- loop ---------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
@@ -166,6 +275,7 @@ class Service:
                 if time.monotonic() >= self._next_stats:
                     self._next_stats = time.monotonic() + self.stats_every_s
                     publish_stream_metrics(self.r, self.names, self.cfg, self.streams())
+                    self.heartbeat()
                 if MALLOC_TRIM and time.monotonic() >= self._next_trim:
                     # Batches of changing sizes leave freed pages in malloc arenas; hand them back
                     # so a months-long run keeps a flat RSS.
@@ -190,6 +300,10 @@ class Service:
                 self.stop.wait(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 10.0)
         self.close()
+        try:
+            self.r.hdel(services_key(self.names.prefix), self.consumer)  # a clean stop is not a failure
+        except (*REDIS_DOWN, redis.RedisError):
+            pass
         if self.http:
             self.http.shutdown()
         self.log.info("%s stopped", self.name)

@@ -115,5 +115,13 @@ def service_ports():
     return {name: {"port": port} for name, port in zip(("ingest", "preprocess", "infer", "alert", "viewer"), p)}
 
 
+TEST_CONFIG_HOME = Path(tempfile.mkdtemp(prefix="plantsight-test-config-"))
+ARTIFACTS = ROOT / "artifacts"  # screenshots and other things a person may want to look at after a run
+
+
 def env_without_plantsight() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PLANTSIGHT_")}
+    """The environment for a child process: no PLANTSIGHT_* from the caller, and a private config directory
+    (where `plantsight up` keeps the viewer token it makes) so tests never touch the user's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLANTSIGHT_")}
+    env["XDG_CONFIG_HOME"] = str(TEST_CONFIG_HOME)
+    return env

@@ -1,0 +1,249 @@
+"""viewer: the web page people look at — live cameras with overlays, the alert log with evidence, health.
+
+Plain HTML, CSS and a little JavaScript from ``static/``, served by this process next to a JSON API
+under ``/api/`` that the pages use (and anyone else may: see the README). Everything but ``/healthz``,
+``/readyz`` and the login page needs a token (`auth.py`). Live video is MJPEG: the browser shows
+``/api/cameras/<id>/live.mjpg`` in an ``<img>``; one rendering per camera and frame is shared by all
+viewers, so ten people watching cost what one does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, quote
+
+import redis
+
+from shared.messages import DecodeError
+from shared.overlay import draw, encode_jpeg
+from shared.runtime import HttpRequest, HttpResponse, Service
+from shared.streams import REDIS_DOWN
+
+from services.alerting.acks import UnknownAlert, acknowledge
+from services.viewer.auth import LOGOUT_COOKIE, OPERATOR, Tokens
+from services.viewer.data import ViewerData, valid_alert_id
+
+STATIC = Path(__file__).with_name("static")
+PAGES = {"/": "grid.html", "/alerts": "alerts.html", "/health": "health.html"}
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
+EVIDENCE_TYPES = {"snapshot.jpg": "image/jpeg", "clip.mp4": "video/mp4", "evidence.json": "application/json"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; media-src 'self'; "
+                               "style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+}
+LIVE_PERIOD_S = 0.25  # MJPEG: at most four pictures a second per camera, plenty to watch a process
+LIVE_KEEPALIVE_S = 10.0  # the same picture again after this long, so a stream whose viewer left ends
+# A same-site path: browsers read "/\\host" and "/<tab>/host" as "//host", another site.
+SAFE_PATH = re.compile(r"/(?![/\\])[^\\\s]*")
+BOUNDARY = "plantsightframe"
+
+
+def _json(data, code: int = 200) -> HttpResponse:
+    return HttpResponse(code, json.dumps(data, default=str).encode(), "application/json",
+                        dict(SECURITY_HEADERS))
+
+
+def _error(code: int, message: str) -> HttpResponse:
+    return _json({"error": message}, code)
+
+
+class ViewerService(Service):
+    name = "viewer"
+
+    def __init__(self, cfg, tokens: Tokens | None = None, **kw):
+        self.tokens = tokens or Tokens()  # before anything else: no token, no viewer
+        super().__init__(cfg, **kw)
+        self.data = ViewerData(cfg, self.r)
+        self._renders: dict[str, tuple[float, str, bytes]] = {}  # camera → (time, frame id, jpeg)
+        self._render_locks = {c.id: threading.Lock() for c in cfg.cameras}  # one render per camera at a time
+        self._bad_overlay: set[str] = set()
+        self._bad_frame: set[str] = set()
+
+    def step(self) -> None:
+        self.r.ping()  # readiness follows Redis; the pages do their reads on the HTTP threads
+        self.stop.wait(1.0)
+
+    # --- pictures --------------------------------------------------------------------------
+    def render(self, camera: str) -> tuple[str, bytes] | None:
+        """(frame id, JPEG) of the camera's newest picture with its results drawn; shared for LIVE_PERIOD_S."""
+        with self._render_locks[camera]:
+            cached = self._renders.get(camera)
+            if cached and time.monotonic() - cached[0] < LIVE_PERIOD_S:
+                return cached[1], cached[2]
+            try:
+                got = self.data.picture(camera)
+            except DecodeError as e:  # a frame that does not decode: keep the last good picture, say why once
+                if camera not in self._bad_frame:
+                    self._bad_frame.add(camera)
+                    self.log.warning("camera %s: %s (showing the last good picture)", camera, e)
+                return (cached[1], cached[2]) if cached else None
+            if got is None:
+                return None
+            image, results, frame_id = got
+            if cached and cached[1] == frame_id:
+                jpeg = cached[2]
+            else:
+                try:
+                    picture = draw(image, results, self.data.zones(camera))
+                except ValueError as e:  # a result the overlay cannot read: show the frame, say why once
+                    if camera not in self._bad_overlay:
+                        self._bad_overlay.add(camera)
+                        self.log.warning("camera %s: %s (showing the frame without overlays)", camera, e)
+                    picture = draw(image, {})
+                jpeg = encode_jpeg(picture, quality=80)
+            self._renders[camera] = (time.monotonic(), frame_id, jpeg)
+            return frame_id, jpeg
+
+    def live(self, camera: str):
+        """multipart/x-mixed-replace chunks: a new part whenever the camera's picture changes."""
+        last, sent = None, time.monotonic()
+        while not self.stop.is_set():
+            try:
+                got = self.render(camera)
+            except (*REDIS_DOWN, redis.RedisError) as e:  # Redis away for a moment: the stream waits for it
+                self.log.debug("live view of camera %s: %s", camera, e)
+                got = None
+            if got is not None and (got[0] != last or time.monotonic() - sent >= LIVE_KEEPALIVE_S):
+                last, sent = got[0], time.monotonic()
+                yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(got[1])}\r\n"
+                       f"X-Frame-Id: {got[0]}\r\n\r\n").encode() + got[1] + b"\r\n"
+            self.stop.wait(LIVE_PERIOD_S)
+
+    # --- HTTP ----------------------------------------------------------------------------
+    def handle_http(self, req: HttpRequest) -> HttpResponse | None:
+        path = req.path.rstrip("/") or "/"
+        if path.startswith("/static/"):
+            return self.static(path[len("/static/"):])
+        if path == "/login":
+            return self.login(req)
+        if path == "/logout":
+            return HttpResponse(303, b"", headers={"Location": "/login", "Set-Cookie": LOGOUT_COOKIE})
+        role, how = self.tokens.role(req.headers)
+        link_token = (req.query.get("token") or [None])[0]
+        if role is None and link_token and not path.startswith("/api/"):
+            # A ?token= link: set the cookie and send the browser on without the token in the address bar.
+            if self.tokens.role_of_token(link_token) is None:
+                return self.login_page(401, "That link's token is not valid.")
+            rest = {k: v for k, v in req.query.items() if k != "token"}
+            target = (path if SAFE_PATH.fullmatch(path) else "/") + ("?" + "&".join(f"{quote(k)}={quote(x)}" for k, vs in rest.items() for x in vs) if rest else "")
+            return HttpResponse(303, b"", headers={"Location": target, "Set-Cookie": self.tokens.cookie_header(link_token, self.secure(req))})
+        if role is None:
+            if path.startswith("/api/"):
+                return HttpResponse(401, b'{"error": "a token is required (Authorization: Bearer ...)"}',
+                                    "application/json", {"WWW-Authenticate": 'Bearer realm="plantsight"'})
+            return HttpResponse(303, b"", headers={"Location": "/login?next=" + quote(path)})
+        if path.startswith("/api/"):
+            return self.api(req, path, role, how)
+        if path in PAGES:
+            return self.static(PAGES[path])
+        if re.fullmatch(r"/cameras/[^/]+", path):
+            return self.static("camera.html")
+        if re.fullmatch(r"/alerts/[^/]+", path):
+            return self.static("alert.html")
+        return None
+
+    def secure(self, req: HttpRequest) -> bool:
+        """Mark the cookie Secure when people reach the viewer over HTTPS (a TLS proxy in front)."""
+        return (req.headers.get("X-Forwarded-Proto", "").lower() == "https"
+                or (self.cfg.alerts.public_url or "").startswith("https://"))
+
+    def static(self, name: str) -> HttpResponse:
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            return HttpResponse(404, b"not found\n")
+        ctype = CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+        return HttpResponse(200, path.read_bytes(), ctype, dict(SECURITY_HEADERS))
+
+    def login_page(self, code: int = 200, message: str = "") -> HttpResponse:
+        page = (STATIC / "login.html").read_text().replace("{{message}}", message)
+        return HttpResponse(code, page.encode(), CONTENT_TYPES[".html"], dict(SECURITY_HEADERS))
+
+    def login(self, req: HttpRequest) -> HttpResponse:
+        if req.method != "POST":
+            return self.login_page()
+        form = parse_qs(req.body.decode(errors="replace"))
+        token = (form.get("token") or [""])[0].strip()
+        nxt = (form.get("next") or ["/"])[0]
+        if not SAFE_PATH.fullmatch(nxt):
+            nxt = "/"  # never an open redirect
+        if self.tokens.role_of_token(token) is None:
+            self.log.warning("viewer login refused (wrong token)")
+            return self.login_page(401, "That token is not valid.")
+        return HttpResponse(303, b"", headers={"Location": nxt, "Set-Cookie": self.tokens.cookie_header(token, self.secure(req))})
+
+    def api(self, req: HttpRequest, path: str, role: str, how: str) -> HttpResponse | None:
+        q = {k: v[0] for k, v in req.query.items() if v}
+        parts = path.split("/")[2:]  # /api/a/b → [a, b]
+        if req.method == "POST":
+            if len(parts) == 3 and parts[0] == "alerts" and parts[2] == "ack":
+                return self.ack(req, parts[1], role, how)
+            return _error(405, f"POST is not allowed on {path}")
+        if parts == ["me"]:
+            return _json({"role": role})
+        if parts == ["cameras"]:
+            return _json(self.data.cameras())
+        if len(parts) >= 2 and parts[0] == "cameras":
+            camera = parts[1]
+            if camera not in self.data.cameras_cfg:
+                return _error(404, f"no camera {camera!r}")
+            if len(parts) == 2:
+                return _json(self.data.camera(camera))
+            if parts[2:] == ["frame.jpg"]:
+                got = self.render(camera)
+                if got is None:
+                    return _error(404, f"camera {camera!r} has no frame in the stream yet")
+                return HttpResponse(200, got[1], "image/jpeg", {**SECURITY_HEADERS, "X-Frame-Id": got[0]})
+            if parts[2:] == ["live.mjpg"]:
+                return HttpResponse(200, self.live(camera), f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+                                    dict(SECURITY_HEADERS))
+            return None
+        if parts == ["alerts"]:
+            limit = int(q["limit"]) if q.get("limit", "").isdigit() else 200
+            return _json(self.data.alerts(q.get("camera"), q.get("rule"), q.get("severity"), q.get("state"),
+                                          limit=min(limit, 2000)))
+        if len(parts) >= 2 and parts[0] == "alerts":
+            alert_id = parts[1]
+            if not valid_alert_id(alert_id):
+                return _error(404, "alert ids are UUIDs")
+            if len(parts) == 2:
+                alert = self.data.alert(alert_id)
+                return _json(alert) if alert else _error(404, f"no alert {alert_id}")
+            if len(parts) == 3 and parts[2] in EVIDENCE_TYPES:
+                file = self.data.evidence_path(alert_id, parts[2])
+                if file is None:
+                    return _error(404, f"alert {alert_id} has no {parts[2]}")
+                headers = dict(SECURITY_HEADERS)
+                if parts[2] == "clip.mp4":
+                    headers["Content-Disposition"] = f'attachment; filename="{alert_id}.mp4"'
+                return HttpResponse(200, file.read_bytes(), EVIDENCE_TYPES[parts[2]], headers)
+            return None
+        if parts == ["streams"]:
+            return _json(self.data.streams())
+        if parts == ["services"]:
+            return _json(self.data.services())
+        return None
+
+    def ack(self, req: HttpRequest, alert_id: str, role: str, how: str) -> HttpResponse:
+        if role != OPERATOR:
+            return _error(403, "acknowledging needs the operator token")
+        if how == "cookie" and req.headers.get("X-Requested-With") != "plantsight":
+            return _error(403, "a page must send X-Requested-With: plantsight")  # no cross-site form posts
+        if not valid_alert_id(alert_id):
+            return _error(404, "alert ids are UUIDs")
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError:
+            return _error(400, "the body must be JSON (or empty)")
+        note = str(body.get("note", ""))[:500] if isinstance(body, dict) else ""
+        try:
+            record = acknowledge(self.r, self.names.prefix, alert_id, by=f"viewer ({how})", note=note)
+        except UnknownAlert:
+            return _error(404, f"no alert {alert_id}")
+        self.log.info("alert %s acknowledged from the viewer", alert_id)
+        return _json({"id": alert_id, "ack": record})
