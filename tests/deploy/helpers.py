@@ -21,7 +21,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CONFIG = DEPLOY / "compose" / "plantsight.yaml"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 K8S = DEPLOY / "k8s"
-RUNNABLE = ("ingest", "preprocess", "infer", "alert")  # `plantsight run viewer` does not exist yet
+RUNNABLE = ("ingest", "preprocess", "infer", "alert", "viewer")  # every `plantsight run` service
 REQUIRED_ALERTS = {"ServiceDown", "CameraDown", "FrameDropRateHigh", "ConsumerLagHigh", "NoResults",
                    "DeadLettersRising", "InferenceSlow"}
 PROMETHEUS_OWN = {"up", "ALERTS"}  # series Prometheus makes itself
@@ -116,8 +116,41 @@ def compose() -> dict:
 
 
 def env_example() -> dict[str, str]:
+    return env_file(ROOT / ".env.example")
+
+
+class MissingVariable(ValueError):
+    """``${VAR:?message}`` (or ``${VAR?message}``) with VAR unset (or empty): compose refuses to start."""
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution of one value, as `docker compose` does it with a .env file:
+    ``${VAR}``, ``$VAR``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}`` (unset),
+    ``${VAR:?err}``, ``${VAR?err}``, and ``$$`` for a literal ``$``."""
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group("braced") or m.group("bare")
+        op, arg = m.group("op") or "", m.group("arg") or ""
+        have = env.get(name)
+        empty = have is None or (have == "" and op.startswith(":"))
+        if op in (":-", "-"):
+            return arg if empty else have
+        if op in (":?", "?"):
+            if empty:
+                raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+            return have
+        return have or ""
+
+    pattern = (r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+               r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)")
+    return re.sub(pattern, one, value)
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines of a .env file (comments and blank lines skipped), as compose reads them."""
     out = {}
-    for line in (ROOT / ".env.example").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
             out[key.strip()] = value.strip()

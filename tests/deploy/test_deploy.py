@@ -198,11 +198,12 @@ def test_amtool_check_config():
 
 # --- a running pipeline -----------------------------------------------------------------------
 class Pipeline:
-    """`plantsight up` with the compose demo config against a password-protected redis-server."""
+    """`plantsight up` with the compose demo config against a password-protected redis-server (the viewer
+    with a token of its own, evidence in the test's directory instead of the compose volume /evidence)."""
 
     def __init__(self, tmp: Path):
         self.password = "deploy-test-secret"
-        redis_port, *svc_ports = ports(5)
+        redis_port, *svc_ports = ports(len(RUNNABLE) + 1)
         self.ports = dict(zip(RUNNABLE, svc_ports))
         self.redis = subprocess.Popen([redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
                                        "--dir", str(tmp), "--save", "", "--appendonly", "no",
@@ -222,6 +223,8 @@ class Pipeline:
                "PLANTSIGHT_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
                "PLANTSIGHT_REDIS__PREFIX": f"deploytest{redis_port}",
                "PLANTSIGHT_INFERENCE__DEVICE": "cpu", "PLANTSIGHT_INFERENCE__THREADS": "1",
+               "PLANTSIGHT_VIEWER_OPERATOR_TOKEN": "deploy-test-operator-token",
+               "PLANTSIGHT_ALERTS__EVIDENCE_DIR": str(tmp / "evidence"),
                **{f"PLANTSIGHT_SERVICES__{s.upper()}__PORT": str(p) for s, p in self.ports.items()}}
         self.log_path = tmp / "up.log"
         self.log = open(self.log_path, "wb")

@@ -4,6 +4,7 @@ with the plantsight config it carries (ports, streams, consumer groups, secrets)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import yaml
 from services.cli import parser as cli_parser
 from shared.config import load_config
 from tests.deploy.helpers import CRDS, K8S, RUNNABLE, load_yaml, need, run
+
+SECRET_EXAMPLES = K8S / "secret.example.yaml"
+INGRESS_EXAMPLE = K8S / "ingress.example.yaml"
 
 
 def kustomize(path: Path) -> list[dict]:
@@ -35,6 +39,21 @@ def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+def config_of(docs: list[dict]):
+    (cm,) = by_kind(docs, "ConfigMap").values()
+    return load_config(data=yaml.safe_load(cm["data"]["plantsight.yaml"]), environ={"REDIS_PASSWORD": "x"})
+
+
+def secret_refs(container: dict) -> dict[str, tuple[str, str]]:
+    """env name -> (Secret name, key) of a container's secretKeyRef variables."""
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def example_secrets() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all(SECRET_EXAMPLES.read_text())}
+
+
 
 def test_k8s_resources_validate(k8s_base, k8s_gpu):
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
@@ -46,6 +65,10 @@ def test_k8s_resources_validate(k8s_base, k8s_gpu):
         kv.validate(doc, version, strict=True)  # raises ValidationError naming the field
         checked += 1
     assert checked >= 20
+    for doc in yaml.safe_load_all(INGRESS_EXAMPLE.read_text()):  # applied by hand, so checked here
+        kv.validate(doc, version, strict=True)
+    for doc in example_secrets().values():
+        kv.validate(doc, version, strict=True)
     broken = json.loads(json.dumps(by_kind(k8s_base, "Deployment")["infer"]))
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["pathh"] = "/healthz"
     with pytest.raises(kv.ValidationError):
@@ -77,7 +100,8 @@ def test_k8s_deployments(k8s_base):
         refs = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e]
         assert any(r["name"] == "plantsight-redis" and r["key"] == "redis-password" for r in refs)
         assert {r["name"] for r in refs} <= secret_names
-        assert not any("value" in e and "PASSWORD" in e["name"] for e in c["env"])  # no secret values inline
+        for e in c["env"]:  # no secret values inline
+            assert not ("value" in e and re.search("PASSWORD|TOKEN|SECRET", e["name"])), (name, e["name"])
         (vol,) = [v for v in pod["volumes"] if "configMap" in v]
         assert vol["configMap"]["name"] == cm["metadata"]["name"]  # the generated, hashed name
         mount = next(m for m in c["volumeMounts"] if m["name"] == vol["name"])
@@ -87,8 +111,9 @@ def test_k8s_deployments(k8s_base):
     for kustomization in K8S.rglob("kustomization.yaml"):
         assert "secret.example.yaml" not in load_yaml(kustomization).get("resources", []), kustomization
     pdbs = by_kind(k8s_base, "PodDisruptionBudget")
-    assert {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for p in pdbs.values()} >= {
-        "preprocess", "infer"}
+    assert {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for p in pdbs.values()} == {
+        name for name, dep in deployments.items() if dep["spec"].get("replicas") != 1}  # infer: KEDA's replicas
+    assert {"preprocess", "infer", "viewer"} <= {p["metadata"]["name"] for p in pdbs.values()}
 
 
 def test_k8s_gpu_overlay(k8s_gpu):
@@ -97,7 +122,7 @@ def test_k8s_gpu_overlay(k8s_gpu):
     assert {"name": "PLANTSIGHT_INFERENCE__DEVICE", "value": "cuda"} in c["env"]
     assert c["image"].endswith("-cuda")
     assert any(e["name"] == "REDIS_PASSWORD" for e in c["env"])  # the patch merges, it does not replace
-    for name in ("ingest", "preprocess", "alert"):
+    for name in ("ingest", "preprocess", "alert", "viewer"):
         (other,) = by_kind(k8s_gpu, "Deployment")[name]["spec"]["template"]["spec"]["containers"]
         assert "nvidia.com/gpu" not in other["resources"].get("limits", {})
 
@@ -135,3 +160,44 @@ def test_k8s_podmonitor_and_keda(k8s_base):
     assert triggered == set(cfg.tasks())
     for auth in auths.values():
         assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}
+
+
+def test_k8s_viewer_tokens_evidence_and_ingress(k8s_base):
+    deployments = by_kind(k8s_base, "Deployment")
+    cfg = config_of(k8s_base)
+    secrets = example_secrets()
+    viewer, alert = (deployments[n]["spec"]["template"]["spec"] for n in ("viewer", "alert"))
+    (vc,), (ac,) = viewer["containers"], alert["containers"]
+    # Tokens: both from the Secret plantsight-viewer, whose example has both keys; the operator token for alert too.
+    refs = secret_refs(vc)
+    assert refs["PLANTSIGHT_VIEWER_TOKEN"] == ("plantsight-viewer", "token")
+    assert refs["PLANTSIGHT_VIEWER_OPERATOR_TOKEN"] == ("plantsight-viewer", "operator-token")
+    assert secret_refs(ac)["PLANTSIGHT_VIEWER_OPERATOR_TOKEN"] == ("plantsight-viewer", "operator-token")
+    assert set(secrets["plantsight-viewer"]["stringData"]) == {"token", "operator-token"}
+    for c in (vc, ac):
+        for name, (secret, key) in secret_refs(c).items():
+            assert key in secrets[secret]["stringData"], f"{c['name']}: {name} reads {secret}/{key}"
+    # Evidence: one claim, mounted at alerts.evidence_dir: read-write in alert, read-only in viewer, nowhere else.
+    (pvc,) = by_kind(k8s_base, "PersistentVolumeClaim").values()
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # alert and the viewer replicas on any node
+    mounts = {}
+    for name, dep in deployments.items():
+        pod = dep["spec"]["template"]["spec"]
+        for vol in pod["volumes"]:
+            if vol.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]:
+                (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == vol["name"]]
+                assert mount["mountPath"] == str(cfg.alerts.evidence_dir), name
+                mounts[name] = bool(mount.get("readOnly")) and bool(vol["persistentVolumeClaim"].get("readOnly"))
+    assert mounts == {"alert": False, "viewer": True}
+    assert str(cfg.alerts.evidence_dir) == "/evidence"
+    # The Service and the example Ingress reach the viewer's port.
+    service = by_kind(k8s_base, "Service")["viewer"]
+    (port,) = service["spec"]["ports"]
+    assert next(p for p in vc["ports"] if p["name"] == port["targetPort"])["containerPort"] == cfg.port("viewer")
+    (ingress,) = yaml.safe_load_all(INGRESS_EXAMPLE.read_text())
+    assert ingress["metadata"]["namespace"] == by_kind(k8s_base, "Namespace")["plantsight"]["metadata"]["name"]
+    backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+    assert backends == [{"name": "viewer", "port": {"name": port["name"]}}]
+    assert ingress["spec"]["tls"]
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        assert INGRESS_EXAMPLE.name not in load_yaml(kustomization).get("resources", []), kustomization
