@@ -34,11 +34,20 @@ def cmd_run(args) -> int:
         from services.inference.service import InferService as cls
     elif args.service == "alert":
         from services.alerting.service import AlertService as cls
+    elif args.service == "viewer":
+        from services.viewer.service import ViewerService as cls
     else:
         raise SystemExit(f"plantsight run: service {args.service!r} is not available yet")
     kw = {"replica": args.replica, "port": args.port}
     if args.service == "infer" and args.task:
         kw["tasks"] = args.task
+    if args.service == "viewer":
+        from services.viewer.auth import TokenError
+
+        try:
+            return cls(cfg, **kw).run()
+        except TokenError as e:
+            raise SystemExit(f"plantsight run viewer: {e}") from None
     return cls(cfg, **kw).run()
 
 
@@ -76,6 +85,46 @@ def cmd_streams(args) -> int:
     return 0
 
 
+def cmd_alerts(args) -> int:
+    """List recent alerts with their acknowledgement, or acknowledge one (``alerts ack ID``)."""
+    import getpass
+    import time
+
+    from services.alerting import acks
+    from shared.messages import Alert, DecodeError
+    from shared.streams import Names, connect
+
+    cfg = _load(args)
+    names, r = Names(cfg.redis.prefix), connect(cfg.redis)
+    if getattr(args, "alerts_command", None) == "ack":
+        try:
+            record = acks.acknowledge(r, names.prefix, args.id, args.by or getpass.getuser(), args.note or "")
+        except acks.UnknownAlert:
+            print(f"plantsight alerts ack: no alert {args.id} on {names.alerts}", file=sys.stderr)
+            return 1
+        print(json.dumps({"id": args.id, **record}))
+        return 0
+    done = acks.acknowledgements(r, names.prefix)
+    rows = []
+    for entry_id, fields in reversed(r.xrevrange(names.alerts, count=args.n)):
+        try:
+            a = Alert.from_msgpack(fields.get(b"m", b""))
+        except DecodeError:
+            continue
+        ack = done.get(a.id) or done.get(a.labels.get("episode", ""))
+        rows.append({**{k: v for k, v in a.to_dict().items() if k != "v"}, "entry": entry_id.decode(), "acked": ack})
+    if args.json:
+        print(json.dumps({"alerts": rows}))
+        return 0
+    print(f"{'id':<36} {'time (UTC)':<19} {'state':<8} {'severity':<8} {'rule':<20} {'camera':<14} {'value':>9}  acked")
+    for a in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["ts"] / 1e9))
+        acked = f"by {a['acked']['by']}" if a["acked"] else "-"
+        print(f"{a['id']:<36} {when:<19} {a['state']:<8} {a['severity']:<8} {a['rule']:<20} {a['camera']:<14} "
+              f"{a['value']:>9.6g}  {acked}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from shared.models import describe
 
@@ -87,6 +136,51 @@ def cmd_models(args) -> int:
     for r in rows:
         print(f"{r['arch']:<18} {r['task']:<10} {r['params']:>12,}  {r['input']} -> {r['output']}")
     return 0
+
+
+def cmd_models_deploy(args) -> int:
+    """Check a model directory and ask the running infer workers to switch to it (``{P}:models:deploy``)."""
+    import time
+    from pathlib import Path
+
+    from services.inference.swap import active_key, deploy_key
+    from shared.models.modeldir import load_meta
+    from shared.models.registry import ModelError
+    from shared.streams import connect
+
+    if not (args.config or args.demo):
+        print("plantsight models deploy: give --config FILE or --demo", file=sys.stderr)
+        return 2
+    cfg = _load(args)
+    path = Path(args.dir).resolve()
+    try:
+        meta = load_meta(path)
+    except ModelError as e:
+        print(f"plantsight models deploy: {e}", file=sys.stderr)
+        return 1
+    if meta.task != args.task:
+        print(f"plantsight models deploy: {path} holds a {meta.task} model, not a {args.task} one", file=sys.stderr)
+        return 1
+    r = connect(cfg.redis)
+    prefix = cfg.redis.prefix
+    asked = time.time()
+    r.hset(deploy_key(prefix), args.task, json.dumps({"path": str(path), "at": asked}))
+    print(f"{args.task}: asked infer to run {meta.arch}@{meta.version} from {path}", file=sys.stderr)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        raw = r.hget(active_key(prefix), args.task)
+        rec = json.loads(raw) if raw else {}
+        if rec.get("path") == str(path) and rec.get("at", 0) >= asked:
+            print(json.dumps({"task": args.task, **rec}))
+            return 1 if rec.get("refused") else 0
+        time.sleep(0.2)
+    return 0 if not args.wait else 1
+
+
+def cmd_bench(args) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -124,9 +218,38 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_streams)
 
-    mo = sub.add_parser("models", help="architectures with parameter counts and shapes")
+    al = sub.add_parser("alerts", help="recent alerts and their acknowledgements; 'alerts ack ID' acknowledges")
+    config_args(al)
+    al.add_argument("--json", action="store_true")
+    al.add_argument("-n", type=int, default=50, metavar="N", help="the newest N alerts (default 50)")
+    al.set_defaults(fn=cmd_alerts)
+    alsub = al.add_subparsers(dest="alerts_command")
+    ack = alsub.add_parser("ack", help="acknowledge an alert: its episode is not re-notified until it resolves")
+    ack.add_argument("id", help="the alert id (plantsight alerts lists them)")
+    ack.add_argument("--by", metavar="NAME", help="who acknowledges (default: the login name)")
+    ack.add_argument("--note", metavar="TEXT", help="a short note kept with the acknowledgement")
+    g = ack.add_mutually_exclusive_group()  # SUPPRESS: given before 'ack' (alerts --demo ack ID) they still count
+    g.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS, help="plantsight.yaml")
+    g.add_argument("--demo", action="store_true", default=argparse.SUPPRESS, help="the built-in demo config")
+    ack.add_argument("--redis-url", metavar="URL", default=argparse.SUPPRESS, help="override redis.url")
+    ack.set_defaults(fn=cmd_alerts)
+
+    mo = sub.add_parser("models", help="architectures with parameter counts and shapes; deploy a model")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(fn=cmd_models)
+    msub = mo.add_subparsers(dest="models_command")
+    dep = msub.add_parser("deploy", help="switch a running pipeline's task to a model directory (no downtime)")
+    dep.add_argument("task", choices=["classify", "detect", "segment", "thermal"])
+    dep.add_argument("dir", help="model directory (model.json + model.pt or model.onnx)")
+    config_args(dep)
+    dep.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                     help="wait this long for infer to report the switch (or the refusal)")
+    dep.set_defaults(fn=cmd_models_deploy)
+
+    be = sub.add_parser("bench", help="benchmarks: pipeline, transport, engines, soak, quality (JSON on stdout)",
+                        add_help=False)
+    be.add_argument("bench_args", nargs=argparse.REMAINDER)
+    be.set_defaults(fn=cmd_bench)
 
     from shared.training.commands import add_parsers  # synth, train, eval
 
@@ -136,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if getattr(args, "command", None) in ("up", "run", "streams") and not (args.config or args.demo):
+    if getattr(args, "command", None) in ("up", "run", "streams", "alerts") and not (args.config or args.demo):
         parser().error("give --config FILE or --demo")
     try:
         code = args.fn(args)

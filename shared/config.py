@@ -91,12 +91,29 @@ class CameraConfig(Strict):
     frozen_s: float = Field(30.0, ge=0, description="camera-frozen alert after the same image this long (0: off)")
     black_s: float = Field(10.0, ge=0, description="camera-black alert after a dark image this long (0: off)")
     black_level: float = Field(10.0, ge=0, le=255, description="mean 8-bit level below which an image is black")
+    zones: dict[str, list[tuple[float, float]]] = Field(
+        default_factory=dict, description="named polygons [[x, y], ...] in original frame pixels (rule.zone)")
 
     @field_validator("roi")
     @classmethod
     def _roi(cls, v):
         if v is not None and (v[2] <= 0 or v[3] <= 0 or v[0] < 0 or v[1] < 0):
             raise ValueError("roi needs x >= 0, y >= 0, w > 0, h > 0")
+        return v
+
+    @field_validator("zones")
+    @classmethod
+    def _zones(cls, v):
+        for name, points in v.items():
+            if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+                raise ValueError(f"zone name {name!r}: use letters, digits, '_', '.', '-'")
+            if len(points) < 3:
+                raise ValueError(f"zone {name!r} needs at least 3 points [x, y], got {len(points)}")
+            if any(x < 0 or y < 0 for x, y in points):
+                raise ValueError(f"zone {name!r}: points are frame pixels, x >= 0 and y >= 0")
+            area = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(points, points[1:] + points[:1]))
+            if area == 0:
+                raise ValueError(f"zone {name!r} has no area (its points lie on one line)")
         return v
 
 
@@ -138,60 +155,177 @@ class InferenceConfig(Strict):
     max_batch: int = Field(16, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0)
     threads: int | None = Field(None, ge=1)
+    # How the network runs (services/inference/engine.py; defaults measured by `plantsight bench`).
+    engine: Literal["auto", "eager", "torchscript", "onnx", "int8"] = Field(
+        "auto", description="auto: frozen TorchScript trace on CPU, eager on CUDA")
+    amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto", description="autocast dtype; auto: fp16 on CUDA, off on CPU")
+    channels_last: bool | None = Field(None, description="NHWC memory layout for convolutions (null: on CUDA only)")
+    compile: bool = Field(False, description="torch.compile the eager network (needs a C compiler on CPU)")
+    cuda_graphs: bool = Field(False, description="CUDA only: replay a captured graph per batch size")
+    decode: Literal["preprocess", "infer"] = Field(
+        "preprocess", description="infer: preprocess routes the JPEG bytes and infer decodes+resizes the batch on "
+                                  "its device (torchvision.io.decode_jpeg on CUDA)")
+    model_poll_s: float = Field(2.0, ge=0, description="how often infer looks for a new model version (0: never)")
+
+
+Param = float | str
 
 
 class Rule(Strict):
+    """One alert rule (README "Alert rules" has the table of fields and an example per task)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     task: Task
+    params: dict[str, Param] = Field(default_factory=dict, description="named thresholds used in when/resolve_when")
     when: str
-    for_frames: int = Field(1, ge=1)
-    cooldown_s: float = Field(60.0, ge=0)
+    for_frames: int = Field(1, ge=1, description="consecutive matching frames before firing")
+    for_s: float = Field(0.0, ge=0, description="and the condition held this long (capture time) before firing")
+    cooldown_s: float = Field(60.0, ge=0, description="at most one firing per this long per camera (and zone)")
+    resolve_when: str | None = Field(None, description="resolve when this holds (hysteresis); default: not `when`")
+    clear_frames: int = Field(1, ge=1, description="consecutive clearing frames before resolving")
+    repeat_s: float = Field(0.0, ge=0, description="re-notify a firing, unacknowledged episode this often (0: never)")
+    window_s: float = Field(60.0, gt=0, description="thermal: seconds over which rise_k_per_min is measured")
+    zone: str | None = Field(None, description="a zone of the camera (cameras[].zones) the rule looks at")
+    overrides: dict[str, dict[str, Param]] = Field(default_factory=dict, description="camera id -> params for it")
     severity: Literal["info", "warning", "critical"] = "warning"
     cameras: list[str] | None = None
     sinks: list[str] = Field(default_factory=list)
     message: str | None = None
 
-    @field_validator("when")
+    @field_validator("params")
     @classmethod
-    def _parse(cls, v: str, info: ValidationInfo) -> str:
-        from shared.rules import RuleError, compile_condition  # the one parser; imported late to keep config light
+    def _params(cls, v: dict, info: ValidationInfo) -> dict:
+        from shared.rules import known_field
 
+        task = info.data.get("task")
+        for name in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name) or name in ("and", "or", "not", "True", "False"):
+                raise ValueError(f"rule {info.data.get('name', '?')!r}: param name {name!r} must be an identifier")
+            if task and known_field(task, name):
+                raise ValueError(f"rule {info.data.get('name', '?')!r}: param {name!r} is also a field of {task}")
+        return v
+
+    @field_validator("when", "resolve_when")
+    @classmethod
+    def _parse(cls, v: str | None, info: ValidationInfo) -> str | None:
+        from shared.rules import RuleError, check_names, compile_condition  # the one parser, imported late
+
+        if v is None:
+            return v
         try:
-            compile_condition(v)
+            cond = compile_condition(v)
+            if info.data.get("task"):
+                check_names(cond, info.data["task"], info.data.get("params") or {})
         except RuleError as e:  # name the rule, not only its index
             raise ValueError(f"rule {info.data.get('name', '?')!r}: {e}") from None
         return v
 
+    @model_validator(mode="after")
+    def _refs(self):
+        for camera, values in self.overrides.items():
+            unknown = sorted(set(values) - set(self.params))
+            if unknown:
+                raise ValueError(f"rule {self.name!r}: overrides.{camera} sets {unknown[0]!r}, which is not in params "
+                                 f"({', '.join(sorted(self.params)) or 'none declared'})")
+        if self.zone is not None and self.task == "classify":
+            raise ValueError(f"rule {self.name!r}: a classify rule judges the whole image and cannot have a zone")
+        return self
+
+    def params_for(self, camera: str) -> dict[str, Param]:
+        """The rule's params with the camera's overrides applied."""
+        return {**self.params, **self.overrides.get(camera, {})}
+
 
 class Sink(Strict):
+    """Where alerts go. webhook/slack/teams/alertmanager POST over HTTP(S) to ``url``; mqtt publishes to the
+    broker at ``url`` (``mqtt://host:1883`` or ``mqtts://``); log writes a line."""
+
     name: str
-    type: Literal["webhook", "log"]
+    type: Literal["webhook", "log", "slack", "teams", "mqtt", "alertmanager"]
     url: str | None = None
     secret: SecretStr | None = None
     secret_env: str | None = None
     secret_file: Path | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    template: Path | None = Field(None, description="webhook: a Jinja2 template file for the JSON body")
     timeout_s: float = Field(5.0, gt=0)
     retries: int = Field(10, ge=0)
     backoff_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     deadline_s: float = Field(900.0, gt=0, description="give up (dead-letter) after trying this long")
+    rate_per_min: float | None = Field(None, gt=0, description="at most this many deliveries a minute (the rest wait)")
+    burst: int = Field(1, ge=1, description="deliveries that may go at once before rate_per_min spaces them")
+    # mqtt
+    topic: str = Field("plantsight/{camera}/{rule}", description="mqtt: topic template ({camera}, {rule}, {severity}, {state})")
+    state_topic: str | None = Field("plantsight/{camera}/state", description="mqtt: retained per-camera state topic (null: none)")
+    qos: Literal[0, 1, 2] = 1
+    username: str | None = None
+    password: SecretStr | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None
+    client_id: str | None = None
+    # alertmanager
+    resend_s: float = Field(60.0, gt=0, description="alertmanager: re-post firing alerts this often")
 
     @model_validator(mode="after")
     def _url(self):
-        if self.type == "webhook" and not (self.url and re.match(r"^https?://", self.url)):
-            raise ValueError("a webhook sink needs url: http(s)://…")
+        if self.type in ("webhook", "slack", "teams", "alertmanager") and not (
+                self.url and re.match(r"^https?://", self.url)):
+            raise ValueError(f"{'an' if self.type[0] in 'aeiou' else 'a'} {self.type} sink needs url: http(s)://…")
+        if self.type == "mqtt" and not (self.url and re.match(r"^mqtts?://[^/]+", self.url)):
+            raise ValueError("an mqtt sink needs url: mqtt://host:port or mqtts://host:port")
+        if self.template is not None and self.type != "webhook":
+            raise ValueError("template applies to webhook sinks only")
+        for key, allowed in (("topic", ("camera", "rule", "severity", "state", "task")), ("state_topic", ("camera",))):
+            for word in re.findall(r"\{([^{}]*)\}", getattr(self, key) or ""):
+                if word not in allowed:
+                    raise ValueError(f"{key} has {{{word}}}; it may use {', '.join('{%s}' % a for a in allowed)}")
+            if re.search(r"[+#]", getattr(self, key) or ""):
+                raise ValueError(f"{key}: MQTT wildcards + and # cannot be published to")
+        if self.template is not None:
+            from services.alerting.sinks.template import TemplateError, check_template  # jinja2 only when used
+
+            try:
+                check_template(self.template)
+            except TemplateError as e:
+                raise ValueError(str(e)) from None
         return self
 
     def signing_secret(self) -> str | None:
         return _read_secret(self.secret, self.secret_env, self.secret_file)
 
+    def broker_password(self) -> str | None:
+        return _read_secret(self.password, self.password_env, self.password_file)
+
+    def http_headers(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``headers`` with each ``${NAME}`` read from the environment, so a token stays out of the
+        file and out of ``config check``; raises ConfigError naming a variable that is not set."""
+        env = os.environ if environ is None else environ
+
+        def value(m: re.Match) -> str:
+            if m.group(1) not in env:
+                raise ConfigError(f"sink {self.name}: header uses ${{{m.group(1)}}}, which is not set")
+            return env[m.group(1)]
+
+        return {k: re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value, v) for k, v in self.headers.items()}
+
 
 class AlertsConfig(Strict):
     camera_offline_s: float = Field(60.0, ge=0, description="built-in camera-offline alert after this long without frames (0: off)")
-    camera_offline_sinks: list[str] = Field(default_factory=list)
+    camera_offline_sinks: list[str] = Field(default_factory=list, description="sinks of every pipeline-health alert")
+    consumer_lag_max: int = Field(5000, ge=0, description="consumer-lag alert when a group lags more entries (0: off)")
+    consumer_lag_for_s: float = Field(30.0, ge=0, description="… for this long")
+    deadletter_max: int = Field(10, ge=0, description="deadletter-growing alert at this many new dead letters (0: off)")
+    deadletter_window_s: float = Field(300.0, gt=0, description="… within this many seconds")
     rules: list[Rule] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
+    evidence_dir: Path = Field(Path("evidence"), description="snapshot.jpg, clip.mp4, evidence.json per alert id")
+    evidence_max_age_days: float = Field(30.0, gt=0, description="evidence older than this is deleted")
+    evidence_max_mb: float = Field(2048.0, gt=0, description="oldest evidence deleted beyond this total")
+    clip_before_s: float = Field(5.0, ge=0, description="seconds of video before the alert's frame")
+    clip_after_s: float = Field(3.0, ge=0, description="seconds of video after the alert's frame")
+    public_url: str | None = Field(None, description="the viewer's address as people reach it (links in messages)")
 
     @model_validator(mode="after")
     def _refs(self):
@@ -232,6 +366,37 @@ class Config(Strict):
                 raise ValueError(f"cameras[{i}].id {cam.id!r} is used twice")
             seen.add(cam.id)
         return self
+
+    @model_validator(mode="after")
+    def _rule_refs(self):
+        """Cameras, zones and overrides a rule names exist (checked only when cameras are configured:
+        an alert service may run with the rules alone)."""
+        cams = {c.id: c for c in self.cameras}
+        if not cams:
+            return self
+        for i, rule in enumerate(self.alerts.rules):
+            where = f"alerts.rules[{i}] ({rule.name})"
+            for cam in (rule.cameras or []) + list(rule.overrides):
+                if cam not in cams:
+                    raise ValueError(f"{where} names camera {cam!r}, which is not in cameras")
+            if rule.zone is None:
+                continue
+            if rule.cameras:
+                for cam in rule.cameras:
+                    if rule.zone not in cams[cam].zones:
+                        raise ValueError(f"{where}: unknown zone {rule.zone!r} on camera {cam!r} "
+                                         f"(its zones: {', '.join(cams[cam].zones) or 'none'})")
+            elif not any(rule.zone in c.zones and rule.task in c.tasks for c in self.cameras):
+                raise ValueError(f"{where}: unknown zone {rule.zone!r}: no {rule.task} camera defines it")
+        return self
+
+    def rule_cameras(self, rule: Rule) -> list[str] | None:
+        """Cameras a rule applies to: those listed, else (zone rules) the cameras defining its zone; None: all."""
+        if rule.cameras:
+            return list(rule.cameras)
+        if rule.zone is not None:
+            return [c.id for c in self.cameras if rule.zone in c.zones]
+        return None
 
     def tasks(self) -> list[str]:
         """Tasks some camera is routed to, in the fixed order of TASKS."""

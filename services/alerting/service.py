@@ -1,29 +1,81 @@
 """alert: evaluate rules on results, write alert state changes to ``{P}:alerts``, deliver to sinks.
 
-A rule fires after ``for_frames`` consecutive hits on one camera, at most once per
-``cooldown_s``, and resolves on the first frame where its condition no longer holds. The alert,
-the rule state it changed (``{P}:alert-state``) and the acknowledgement of the result that
-caused it are written in one MULTI, so a crash never repeats nor loses an alert. Each sink then
-reads ``{P}:alerts`` through its own consumer group (``sink-<name>``). Pipeline-health alerts
-(camera offline, frozen, black) come from ``health.py`` through the same path.
+Every rule runs one episode per (rule, camera, zone) through `state.advance`: it fires after
+``for_frames`` consecutive matching frames that also span ``for_s`` seconds of capture time, at most
+once per ``cooldown_s``, re-notifies every ``repeat_s`` while firing unless the episode is
+acknowledged, and resolves after ``clear_frames`` frames on which ``resolve_when`` (default: not
+``when``) holds. Evidence (snapshot, clip, evidence.json) is written before the alert is. The alert,
+the episode state it changed (``{P}:alert-state``) and the acknowledgement of the result that caused
+it are written in one MULTI, so a crash never repeats nor loses an alert. Each sink then reads
+``{P}:alerts`` through its own consumer group (``sink-<name>``). Pipeline-health alerts (camera
+offline, frozen, black; consumer lag; dead letters) come from ``health.py`` through the same path.
+
+``POST /alerts/<id>/ack`` (``Authorization: Bearer <operator token>``) acknowledges an alert.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import re
 import time
+from pathlib import Path
+
+import cv2
+import numpy as np
 
 from shared import metrics
 from shared.config import Rule
-from shared.messages import Alert, DecodeError, Result
-from shared.rules import compile_condition, fields_of, threshold_of, value_of
-from shared.runtime import Service
+from shared.imaging import decode_frame
+from shared.messages import Alert, DecodeError, Frame, Result
+from shared.rules import RiseWindow, Zone, compile_condition, fields_of, threshold_of, value_of
+from shared.runtime import HttpRequest, HttpResponse, Service
 from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer
 
+from services.alerting import acks
+from services.alerting.evidence import EvidenceStore
 from services.alerting.health import HEALTH_RULES, CameraHealth
 from services.alerting.sinks import SinkWorker
-from services.alerting.state import EpisodeStore
+from services.alerting.state import FIRE, REPEAT, RESOLVE, EpisodeStore, Lifecycle, advance, repeated
+
+log = logging.getLogger("plantsight.alert")
 
 STAGE = "alert"
+PRUNE_EVERY_S = 60.0
+TOKEN_ENV = "PLANTSIGHT_VIEWER_OPERATOR_TOKEN"
+ACK_PATH = re.compile(r"^/alerts/([A-Za-z0-9_.:-]{1,128})/ack$")
+
+
+def operator_token(environ=None) -> str | None:
+    """The operator token (the viewer's too): ``$PLANTSIGHT_VIEWER_OPERATOR_TOKEN`` or the file named by
+    ``$PLANTSIGHT_VIEWER_OPERATOR_TOKEN_FILE``; None when neither is set (then nobody may acknowledge)."""
+    env = os.environ if environ is None else environ
+    path = env.get(TOKEN_ENV + "_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as e:  # loud, but alerts still flow: only acknowledging over HTTP is off
+            log.error("%s_FILE=%s cannot be read (%s): acknowledging over HTTP is off", TOKEN_ENV, path,
+                      e.strerror or e)
+            return None
+    return env.get(TOKEN_ENV, "").strip() or None
+
+
+class CompiledRule:
+    """A configured rule, parsed once: its conditions, lifecycle, cameras and zones."""
+
+    def __init__(self, rule: Rule, cameras: list[str] | None, zones: dict[str, Zone]):
+        self.rule, self.cameras, self.zones = rule, cameras, zones
+        self.when = compile_condition(rule.when)
+        self.resolve = compile_condition(rule.resolve_when) if rule.resolve_when else None
+        self.life = Lifecycle.of(rule)
+        self.reads_rise = "rise_k_per_min" in self.when.names + (self.resolve.names if self.resolve else ())
+
+    def applies(self, result: Result) -> bool:
+        return self.rule.task == result.task and (self.cameras is None or result.camera in self.cameras)
 
 
 class AlertService(Service):
@@ -37,11 +89,21 @@ class AlertService(Service):
                                   count=64, block_ms=s.read_block_ms, claim_idle_ms=s.claim_idle_ms,
                                   max_deliveries=s.max_deliveries, max_bytes=s.max_message_bytes)
         self.alerts = Producer(self.r, self.names.alerts, max_age_s=s.alerts_max_age_s)
-        self.rules = [(rule, compile_condition(rule.when)) for rule in cfg.alerts.rules]
+        cams = {c.id: c for c in cfg.cameras}
+        self.rules = []
+        for rule in cfg.alerts.rules:
+            zones = {cid: Zone(rule.zone, c.zones[rule.zone]) for cid, c in cams.items()
+                     if rule.zone is not None and rule.zone in c.zones}
+            self.rules.append(CompiledRule(rule, cfg.rule_cameras(rule), zones))
+        self.rise_keep_s = max([c.rule.window_s for c in self.rules if c.reads_rise], default=0.0)
+        self.rises: dict[tuple[str, str], RiseWindow] = {}
         self.state = EpisodeStore(self.r, f"{self.names.prefix}:alert-state")
         self.health = CameraHealth(cfg, self.names, self.state)
         self.sinks = [SinkWorker(cfg, sink, self.sink_reader(sink.name), self.dead, self.stop)
                       for sink in cfg.alerts.sinks]
+        self.evidence = EvidenceStore(cfg, self.r)
+        self.next_prune = 0.0
+        self.token = operator_token()
         for rule in cfg.alerts.rules:
             metrics.ALERTS.labels(rule=rule.name, severity=rule.severity)
         for rule, severity in HEALTH_RULES.items():
@@ -69,7 +131,7 @@ class AlertService(Service):
         entries = self.reader.read()
         box = Outbox(self.r)
         for alert in self.health.check(self.r):
-            self.write_alert(box, alert)
+            self.write_alert(box, alert, None)
         for entry in entries:
             try:
                 result = Result.from_msgpack(entry.payload, self.cfg.streams.max_message_bytes)
@@ -77,7 +139,7 @@ class AlertService(Service):
                 self.dead.add(box, self.names.results, entry, "decode_error", str(e))
                 continue
             for alert in self.evaluate(result):
-                self.write_alert(box, alert)
+                self.write_alert(box, alert, result)
         self.reader.ack(box, [e.id for e in entries])
         self.state.save(box)
         try:
@@ -85,44 +147,168 @@ class AlertService(Service):
         except Exception:
             self.state.forget()  # in-memory state ran ahead of Redis: reload it when Redis is back
             raise
+        self.tend_evidence()
 
-    def write_alert(self, box: Outbox, alert: Alert) -> None:
+    # --- evidence -------------------------------------------------------------------
+    def capture(self, alert: Alert, result: Result | None) -> Alert:
+        """The alert with its evidence directory, written before the alert is (a firing alert only)."""
+        if alert.state != "firing":
+            return alert
+        try:
+            where = self.evidence.capture(alert, result)
+        except Exception:  # an alert without its picture is better than no alert
+            self.log.exception("evidence for alert %s (%s on %s) failed", alert.id, alert.rule, alert.camera)
+            return alert
+        return dataclasses.replace(alert, evidence=where or "")
+
+    def tend_evidence(self) -> None:
+        try:
+            self.evidence.finish()
+            if time.monotonic() >= self.next_prune:
+                self.next_prune = time.monotonic() + PRUNE_EVERY_S
+                self.evidence.prune()
+        except Exception:
+            self.log.exception("evidence upkeep failed")
+
+    def write_alert(self, box: Outbox, alert: Alert, result: Result | None) -> None:
+        alert = self.capture(alert, result)
         self.alerts.add(alert.to_msgpack(), cam=alert.camera, task=alert.task, box=box)
-        if alert.state == "firing":
+        if alert.state == "firing" and "repeat" not in alert.labels:  # episodes, not notifications
             box.on_commit(lambda: metrics.ALERTS.labels(rule=alert.rule, severity=alert.severity).inc())
 
-    def evaluate(self, result: Result) -> list[Alert]:
-        """Alerts (firing or resolved) this result causes, updating the per-camera rule state."""
-        fields = None
+    # --- rules ----------------------------------------------------------------------
+    def frame_kelvin(self, result: Result) -> np.ndarray | None:
+        """The result's radiometric frame in kelvin, while it is still in ``{P}:frames``; else None."""
+        try:
+            entries = self.r.xrange(self.names.frames, min=result.frame_id, max=result.frame_id, count=1)
+            if not entries:
+                return None
+            frame = Frame.from_msgpack(entries[0][1][b"m"], self.cfg.streams.max_message_bytes)
+            if frame.dtype != "uint16":
+                return None
+            return decode_frame(frame)[:, :, 0].astype(np.float32) / 100.0
+        except (DecodeError, KeyError, ValueError) as e:
+            self.log.warning("frame %s of camera %s: %s", result.frame_id, result.camera, e)
+            return None
+
+    def fields_for(self, result: Result, zone: Zone | None, cache: dict) -> dict:
+        """The result's fields over the whole frame or one zone (computed once per result and zone)."""
+        key = zone.name if zone else ""
+        if key in cache:
+            return cache[key]
+        kelvin = mask = None
+        if zone is not None and result.task == "thermal":
+            if "kelvin" not in cache:
+                cache["kelvin"] = self.frame_kelvin(result)
+            kelvin = cache["kelvin"]
+        if zone is not None and result.task == "segment" and result.out.get("mask"):
+            if "mask" not in cache:
+                raw = np.frombuffer(result.out["mask"], np.uint8)
+                cache["mask"] = cv2.imdecode(raw, cv2.IMREAD_GRAYSCALE) if raw.size else None
+            mask = cache["mask"]
+        f = fields_of(result.task, result.out, zone, kelvin=kelvin, mask=mask)
+        if result.task == "thermal" and self.rise_keep_s:
+            window = self.rises.setdefault((result.camera, key), RiseWindow(self.rise_keep_s))
+            window.add(result.ts / 1e9, f.get("max_k"))
+            f["_rise"] = window
+        cache[key] = f
+        return f
+
+    def evaluate(self, result: Result, now: float | None = None) -> list[Alert]:
+        """Alerts (firing, repeated or resolved) this result causes, updating the episodes it touches."""
+        now = time.time() if now is None else now
+        t = result.ts / 1e9
+        cache: dict = {}
         out = []
-        for rule, cond in self.rules:
-            if rule.task != result.task or (rule.cameras and result.camera not in rule.cameras):
+        for c in self.rules:
+            if not c.applies(result):
                 continue
-            fields = fields if fields is not None else fields_of(result.task, result.out)
-            ep = self.state.get(rule.name, result.camera)
-            hit = cond(fields)
-            ep.hits = ep.hits + 1 if hit else 0
-            now = time.time()
-            if hit and not ep.firing and ep.hits >= rule.for_frames and now - ep.last_fired >= rule.cooldown_s:
-                ep.firing, ep.last_fired = True, now
-                ep.alert_id = Alert.identity(rule.name, result.camera, result.frame_id)
-                out.append(self.alert(rule, result, fields, "firing", ep.alert_id))
-            elif not hit and ep.firing:
-                ep.firing = False
-                out.append(self.alert(rule, result, fields, "resolved", ep.alert_id))
-            self.state.touch(rule.name, result.camera)
+            rule, camera = c.rule, result.camera
+            zone = c.zones.get(camera) if rule.zone else None
+            if rule.zone and zone is None:
+                continue
+            params = rule.params_for(camera)
+            fields = dict(self.fields_for(result, zone, cache))
+            rise = fields.pop("_rise", None)
+            if rise is not None:
+                fields["rise_k_per_min"] = rise.rate(rule.window_s)
+            fields.update(params)
+            hit = c.when(fields)
+            clear = c.resolve(fields) if c.resolve else not hit
+            scope = rule.zone or ""
+            ep = self.state.get(rule.name, camera, scope)
+            change = advance(ep, c.life, hit, clear, t, now)
+            self.state.touch(rule.name, camera, scope)
+            where = f"{camera}/{scope}" if scope else camera
+            if change == FIRE:
+                ep.alert_id = ep.last_id = Alert.identity(rule.name, where, result.frame_id)
+                out.append(self.alert(c, result, fields, params, "firing", ep.alert_id, ep.alert_id))
+            elif change == REPEAT:
+                if self.acknowledged(ep.alert_id, ep.last_id):
+                    repeated(ep, now, None)
+                else:
+                    alert_id = Alert.identity(f"{rule.name}:repeat{ep.repeats + 1}", where, result.frame_id)
+                    repeated(ep, now, alert_id)
+                    out.append(self.alert(c, result, fields, params, "firing", alert_id, ep.alert_id,
+                                          repeat=ep.repeats))
+            elif change == RESOLVE:
+                alert_id = Alert.identity(rule.name + ":resolved", where, result.frame_id)
+                out.append(self.alert(c, result, fields, params, "resolved", alert_id, ep.alert_id))
         return out
 
-    def alert(self, rule: Rule, result: Result, fields: dict, state: str, episode: str) -> Alert:
-        value = value_of(rule.when, fields)
-        text = rule.message or f"{rule.name}: {rule.when} on camera {result.camera}"
-        alert_id = episode if state == "firing" else Alert.identity(rule.name + ":resolved", result.camera,
-                                                                     result.frame_id)
+    def acknowledged(self, *alert_ids: str) -> bool:
+        ids = [i for i in alert_ids if i]
+        return bool(ids) and any(self.r.hmget(acks.acks_key(self.names.prefix), ids))
+
+    def alert(self, c: CompiledRule, result: Result, fields: dict, params: dict, state: str, alert_id: str,
+              episode: str, repeat: int = 0) -> Alert:
+        rule = c.rule
+        where = f"camera {result.camera}" + (f" zone {rule.zone}" if rule.zone else "")
+        text = rule.message or f"{rule.name}: {rule.when} on {where}"
+        labels = {"episode": episode, "model": result.model, "seq": str(result.seq)}
+        if rule.zone:
+            labels["zone"] = rule.zone
+        if repeat:
+            labels["repeat"] = str(repeat)
+        if params:
+            labels["params"] = json.dumps(params, sort_keys=True, separators=(",", ":"))
         return Alert(id=alert_id, rule=rule.name, severity=rule.severity, state=state, camera=result.camera,
-                     task=result.task, ts=result.ts, value=value, threshold=threshold_of(rule.when),
-                     message=text, frame_id=result.frame_id,
-                     labels={"episode": episode, "model": result.model, "seq": str(result.seq)})
+                     task=result.task, ts=result.ts, value=value_of(rule.when, fields, skip=params),
+                     threshold=threshold_of(rule.when, params), message=text, frame_id=result.frame_id,
+                     labels=labels)
+
+    # --- acknowledge ----------------------------------------------------------------
+    def handle_http(self, req: HttpRequest) -> HttpResponse | None:
+        m = ACK_PATH.match(req.path)
+        if not m:
+            return None
+        if req.method != "POST":
+            return _json(405, {"error": "use POST"}, {"Allow": "POST"})
+        given = req.headers.get("Authorization") or ""
+        scheme, _, token = given.partition(" ")
+        if not self.token or scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self.token.encode()):
+            why = "no operator token is configured" if not self.token else "a valid operator bearer token is needed"
+            return _json(401, {"error": why}, {"WWW-Authenticate": 'Bearer realm="plantsight"'})
+        try:
+            body = json.loads(req.body or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return _json(400, {"error": "the body must be a JSON object like {\"by\": \"name\", \"note\": \"...\"}"})
+        by, note = str(body.get("by") or "operator")[:100], str(body.get("note") or "")[:1000]
+        try:
+            record = acks.acknowledge(self.r, self.names.prefix, m.group(1), by, note)
+        except acks.UnknownAlert:
+            return _json(404, {"error": f"no alert {m.group(1)} on {self.names.alerts}"})
+        self.log.info("alert %s acknowledged by %s", m.group(1), record["by"])
+        return _json(200, {"id": m.group(1), **record})
 
     def close(self) -> None:
         for w in self.sinks:
             w.join(timeout=5)
+        self.evidence.close()  # clips still recording are recorded again by the next alert service
+
+
+def _json(code: int, doc: dict, headers: dict | None = None) -> HttpResponse:
+    return HttpResponse(code, json.dumps(doc).encode() + b"\n", "application/json", headers or {})

@@ -106,8 +106,8 @@ def up_pipeline(tmp_path, r, redis_server, service_ports):
                                     "segment": {"arch": "unet_small"}, "thermal": {"arch": "thermal_cnn"}},
                "inference": inference or {"device": "cpu", "max_batch": 8, "max_wait_ms": 30, "threads": 1},
                "streams": {"claim_idle_ms": 2000, **(streams or {})}}
-        if alerts:
-            cfg["alerts"] = alerts
+        # evidence goes to the test's folder, never into the checkout
+        cfg["alerts"] = {"evidence_dir": str(tmp_path / "evidence"), **(alerts or {})}
         up = Up(cfg, tmp_path, r, extra_env)
         started.append(up)
         return up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import numpy as np
@@ -21,6 +22,8 @@ def config(redis_server, prefix, **extra):
                         {"id": "k1", "source": "synthetic://thermal", "tasks": ["thermal"]}],
             "models": {"classify": {"arch": "simple_cnn"}, "thermal": {"arch": "thermal_cnn"}}}
     data.update(extra)
+    if "alerts" in data:  # evidence goes to a temporary folder, never into the checkout
+        data["alerts"] = {"evidence_dir": tempfile.mkdtemp(prefix="ps-evidence-"), **data["alerts"]}
     return load_config(data=data, environ={})
 
 

@@ -1,10 +1,15 @@
-"""The webhook sink against a real HTTP server: signature, idempotency key, retries with backoff, give-up."""
+"""The webhook sink against a real HTTP server: signature, idempotency key, templates, retries, give-up.
+
+``Receiver`` and ``run_sink`` are also used by the other ``test_sinks_*`` modules.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,10 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from services.alerting.sinks import SinkWorker
-from shared.config import load_config
+from shared.config import ConfigError, load_config
 from shared.messages import Alert
 from shared.streams import DeadLetters, GroupReader, Names, connect
-from tests.conftest import free_port
+from tests.conftest import env_without_plantsight, free_port
 
 SECRET = "hook-secret-for-tests"
 
@@ -36,6 +41,8 @@ class Receiver:
                 code = outer.statuses.pop(0) if outer.statuses else 200
                 answer = b'{"error": "unknown asset tag"}' if code == 400 else b""
                 self.send_response(code)
+                if code == 429:
+                    self.send_header("Retry-After", "1")  # slow down: longer than backoff_s
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
                 self.wfile.write(answer)
@@ -51,30 +58,55 @@ class Receiver:
         self.server.shutdown()
 
 
-def run_sink(redis_server, prefix, url, alerts: list[Alert], wait_for, consumer="test-sink", claim_idle_ms=60000,
-             timeout=30, **sink_opts):
-    cfg = load_config(data={
-        "redis": {"url": redis_server.url, "prefix": prefix},
-        "alerts": {"rules": [{"name": "hot", "task": "thermal", "when": "max_k > 400", "sinks": ["cmms"]}],
-                   "sinks": [{"name": "cmms", "type": "webhook", "url": url, "secret_env": "PS_HOOK_SECRET",
-                              "backoff_s": 0.2, "timeout_s": 1.0, **sink_opts}]}},
-        environ={})
-    r = connect(cfg.redis)
-    names = Names(prefix)
-    for a in alerts:
-        r.xadd(names.alerts, {"m": a.to_msgpack()})
-    dead = DeadLetters(r, names, 3600, "alert")
-    reader = GroupReader(r, names.alerts, "sink-cmms", consumer, dead=dead, count=16, block_ms=100,
-                         claim_idle_ms=claim_idle_ms, max_deliveries=3, max_bytes=1 << 20)
-    stop = threading.Event()
-    worker = SinkWorker(cfg, cfg.alerts.sinks[0], reader, dead, stop)
-    worker.start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not wait_for(r, names):
-        time.sleep(0.05)
-    stop.set()
-    worker.join(10)
-    return r, names
+class RunningSink:
+    """A SinkWorker for the sink ``cmms`` over a fresh alert stream; ``until`` waits, ``stop`` ends it."""
+
+    def __init__(self, redis_server, prefix, url, alerts: list[Alert], consumer="test-sink", claim_idle_ms=60000,
+                 sink_type="webhook", alerts_cfg=None, **sink_opts):
+        sink = {"name": "cmms", "type": sink_type, "url": url, "backoff_s": 0.2, "timeout_s": 1.0, **sink_opts}
+        if sink_type == "webhook":
+            sink.setdefault("secret_env", "PS_HOOK_SECRET")
+        cfg = load_config(data={
+            "redis": {"url": redis_server.url, "prefix": prefix},
+            "alerts": {"rules": [{"name": "hot", "task": "thermal", "when": "max_k > 400", "sinks": ["cmms"]}],
+                       "sinks": [sink], **(alerts_cfg or {})}},
+            environ={})
+        self.r = connect(cfg.redis)
+        self.names = Names(prefix)
+        for a in alerts:
+            self.add(a)
+        dead = DeadLetters(self.r, self.names, 3600, "alert")
+        reader = GroupReader(self.r, self.names.alerts, "sink-cmms", consumer, dead=dead, count=16, block_ms=100,
+                             claim_idle_ms=claim_idle_ms, max_deliveries=3, max_bytes=1 << 20)
+        self.halt = threading.Event()
+        self.worker = SinkWorker(cfg, cfg.alerts.sinks[0], reader, dead, self.halt)
+        self.worker.start()
+
+    def add(self, a: Alert) -> None:
+        self.r.xadd(self.names.alerts, {"m": a.to_msgpack()})
+
+    def until(self, check, timeout=30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check(self.r, self.names):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.worker.join(10)
+        assert not self.worker.is_alive()
+
+
+def run_sink(redis_server, prefix, url, alerts: list[Alert], wait_for, timeout=30, **opts):
+    """Run a sink over ``alerts`` until ``wait_for(r, names)`` (or ``timeout``); returns (r, names)."""
+    sink = RunningSink(redis_server, prefix, url, alerts, **opts)
+    try:
+        sink.until(wait_for, timeout)
+    finally:
+        sink.stop()
+    return sink.r, sink.names
 
 
 def alert(n: int = 0) -> Alert:
@@ -86,6 +118,15 @@ def alert(n: int = 0) -> Alert:
 @pytest.fixture(autouse=True)
 def secret_env(monkeypatch):
     monkeypatch.setenv("PS_HOOK_SECRET", SECRET)
+
+
+def verify(headers: dict, body: bytes, secret: str, max_age_s: int = 300) -> bool:
+    """What a receiver does (README, Sinks): HMAC-SHA256 over "<timestamp>.<body>", timestamp recent."""
+    stamp = headers["X-Plantsight-Timestamp"]
+    if abs(time.time() - int(stamp)) > max_age_s:
+        return False
+    want = "sha256=" + hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(want, headers["X-Plantsight-Signature"])
 
 
 def acked(r, names) -> bool:
@@ -103,9 +144,9 @@ def test_delivery_is_signed_and_retried_with_backoff(redis_server, r, prefix):
     times = [t for t, _, _ in rx.requests]
     # Exponential backoff with jitter in [0.5, 1) of 0.2 s, then 0.4 s.
     assert times[1] - times[0] >= 0.1 and times[2] - times[1] >= 0.2
+    for _, headers, body in rx.requests:  # every attempt is signed afresh
+        assert verify(headers, body, SECRET)
     _, headers, body = rx.requests[-1]
-    want = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-    assert headers["X-Plantsight-Signature"] == want
     assert headers["Idempotency-Key"] == alert().id
     assert {rx.requests[i][1]["Idempotency-Key"] for i in range(3)} == {alert().id}
     doc = json.loads(body)
@@ -167,3 +208,179 @@ def test_an_alert_raised_while_the_receiver_is_down_arrives_after_a_restart(redi
     assert len(rx.requests) == 1
     assert json.loads(rx.requests[0][2])["id"] == alert(5).id
     assert r2.xlen(names.deadletter) == 0
+
+
+def test_the_timestamp_is_signed_so_a_replay_with_a_new_timestamp_fails(redis_server, r, prefix):
+    rx = Receiver([])
+    try:
+        run_sink(redis_server, prefix, rx.url, [alert(6)], lambda r_, n: len(rx.requests) >= 1 and acked(r_, n))
+    finally:
+        rx.close()
+    _, headers, body = rx.requests[0]
+    assert verify(headers, body, SECRET)
+    assert not verify(headers, body, "another-secret")
+    assert not verify(headers, body + b" ", SECRET)
+    moved = {**headers, "X-Plantsight-Timestamp": str(int(headers["X-Plantsight-Timestamp"]) + 1)}
+    assert not verify(moved, body, SECRET)  # the timestamp is part of the signed material
+    body_only = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers["X-Plantsight-Signature"] != body_only
+    assert abs(int(headers["X-Plantsight-Timestamp"]) - time.time()) < 60
+
+
+def test_the_same_alert_delivered_twice_carries_the_same_key_and_body(redis_server, r, prefix):
+    """At least once: an alert written twice (a replay after a crash) reaches the receiver with one key."""
+    rx = Receiver([])
+    try:
+        run_sink(redis_server, prefix, rx.url, [alert(7), alert(7), alert(8)],
+                 lambda r_, n: len(rx.requests) >= 3 and acked(r_, n))
+    finally:
+        rx.close()
+    keys = [h["Idempotency-Key"] for _, h, _ in rx.requests]
+    assert keys == [alert(7).id, alert(7).id, alert(8).id]
+    assert rx.requests[0][2] == rx.requests[1][2] != rx.requests[2][2]
+
+
+def test_custom_headers_are_sent_but_cannot_replace_the_idempotency_key(redis_server, r, prefix, monkeypatch):
+    monkeypatch.setenv("PS_CMMS_TOKEN", "cmms-token-from-env")
+    rx = Receiver([])
+    try:
+        run_sink(redis_server, prefix, rx.url, [alert(9)], lambda r_, n: len(rx.requests) >= 1 and acked(r_, n),
+                 headers={"Authorization": "Bearer ${PS_CMMS_TOKEN}", "X-Site": "line-a", "Idempotency-Key": "mine"})
+    finally:
+        rx.close()
+    _, headers, body = rx.requests[0]
+    assert headers["Authorization"] == "Bearer cmms-token-from-env" and headers["X-Site"] == "line-a"
+    assert headers["Idempotency-Key"] == alert(9).id
+    assert headers["Content-Type"] == "application/json"
+    assert verify(headers, body, SECRET)
+
+
+WORK_ORDER = """{
+  "workOrder": {
+    "title": {{ ("[" ~ alert.severity|upper ~ "] " ~ alert.message)|tojson }},
+    "asset": {{ alert.camera|tojson }},
+    "priority": {{ {"critical": 1, "warning": 2}.get(alert.severity, 3) }},
+    "reading": {"value": {{ alert.value }}, "limit": {{ alert.threshold|tojson }}},
+    "externalId": {{ episode|tojson }},
+    "openedAt": {{ time|tojson }},
+    "photo": {{ snapshot_url|tojson }},
+    "link": {{ alert_url|tojson }},
+    "zone": {{ alert.labels.get("zone")|tojson }}
+  }
+}
+"""
+
+
+def test_a_template_shapes_the_body_for_a_cmms_and_the_signature_covers_it(redis_server, r, prefix, tmp_path):
+    tpl = tmp_path / "work-order.json.j2"
+    tpl.write_text(WORK_ORDER)
+    rx = Receiver([])
+    a = alert(10)
+    try:
+        run_sink(redis_server, prefix, rx.url, [a], lambda r_, n: len(rx.requests) >= 1 and acked(r_, n),
+                 template=str(tpl), alerts_cfg={"public_url": "https://viewer.plant.example/"})
+    finally:
+        rx.close()
+    _, headers, body = rx.requests[0]
+    assert verify(headers, body, SECRET)
+    assert headers["Idempotency-Key"] == a.id
+    assert json.loads(body) == {"workOrder": {
+        "title": "[CRITICAL] kiln too hot", "asset": "kiln-1", "priority": 1,
+        "reading": {"value": 455.5, "limit": 400.0}, "externalId": a.id, "openedAt": "2023-11-14T22:13:20.000Z",
+        "photo": f"https://viewer.plant.example/api/alerts/{a.id}/snapshot.jpg",
+        "link": f"https://viewer.plant.example/alerts/{a.id}", "zone": None}}
+
+
+def test_a_template_value_with_quotes_stays_json_when_quoted_with_tojson(redis_server, r, prefix, tmp_path):
+    tpl = tmp_path / "t.json.j2"
+    tpl.write_text('{"text": {{ alert.message|tojson }}, "sink": {{ sink|tojson }}}')
+    rx = Receiver([])
+    quoted = Alert(id=Alert.identity("hot", "kiln-1", "q"), rule="hot", severity="warning", state="firing",
+                   camera="kiln-1", task="thermal", ts=1_700_000_000_000_000_000, value=1.0,
+                   message='door "B" open </script> \\ done', frame_id="q")
+    try:
+        run_sink(redis_server, prefix, rx.url, [quoted], lambda r_, n: len(rx.requests) >= 1 and acked(r_, n),
+                 template=str(tpl))
+    finally:
+        rx.close()
+    assert json.loads(rx.requests[0][2]) == {"text": 'door "B" open </script> \\ done', "sink": "cmms"}
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"a": {{ alert.rule }', "line 1: unexpected '}'"),
+    ('{"a": "{{ alert.message }}"}', "did not render JSON: Expecting ',' delimiter at line 1 column 11"),
+    ('{"a": {{ alert.no_such_field|tojson }}}', "UndefinedError: 'dict object' has no attribute 'no_such_field'"),
+    ('{"a": {{ alert.__class__.__mro__|tojson }}}',
+     "SecurityError: access to attribute '__class__' of 'dict' object is unsafe."),
+    ('{"a": 1', "did not render JSON: Expecting ',' delimiter"),
+])
+def test_a_broken_template_stops_config_check_naming_the_file(tmp_path, text, error):
+    tpl = tmp_path / "bad.json.j2"
+    tpl.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(data={"alerts": {"sinks": [{"name": "cmms", "type": "webhook", "url": "http://127.0.0.1/h",
+                                                "template": str(tpl)}]}}, environ={})
+    assert f"alerts.sinks[0]: template {tpl}" in str(e.value)
+    assert error in str(e.value)
+
+
+def test_a_missing_template_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"alerts.sinks\[0\]: template .*nope.j2: cannot read it: No such file"):
+        load_config(data={"alerts": {"sinks": [{"name": "cmms", "type": "webhook", "url": "http://127.0.0.1/h",
+                                                "template": str(tmp_path / "nope.j2")}]}}, environ={})
+
+
+def test_plantsight_config_check_reports_the_template(tmp_path):
+    tpl = tmp_path / "bad.json.j2"
+    tpl.write_text('{"a": {{ alert.rule }}}')  # unquoted: the sample alert's rule is not JSON
+    conf = tmp_path / "plant.yaml"
+    conf.write_text(f"alerts:\n  sinks:\n    - {{name: cmms, type: webhook, url: 'http://127.0.0.1/h', "
+                    f"template: '{tpl}'}}\n")
+    out = subprocess.run([sys.executable, "-m", "services.cli", "config", "check", str(conf)], capture_output=True,
+                         text=True, timeout=60, env=env_without_plantsight())
+    assert out.returncode == 2
+    assert f"template {tpl} did not render JSON" in out.stderr
+
+
+def test_an_alert_the_template_cannot_render_is_dead_lettered_without_retrying(redis_server, r, prefix, tmp_path):
+    """The sample alert has a zone; this one has none, and the template insists on it."""
+    tpl = tmp_path / "zoned.json.j2"
+    tpl.write_text('{"zone": {{ alert.labels.zone|tojson }}}')
+    rx = Receiver([])
+    try:
+        r2, names = run_sink(redis_server, prefix, rx.url, [alert(11)],
+                             lambda r_, n: r_.xlen(n.deadletter) >= 1 and acked(r_, n), template=str(tpl))
+    finally:
+        rx.close()
+    assert rx.requests == []
+    letters = r2.xrange(names.deadletter)
+    assert len(letters) == 1
+    assert letters[0][1][b"detail"].decode() == (
+        f"sink cmms: template {tpl}: UndefinedError: 'dict object' has no attribute 'zone'")
+
+
+def test_an_alert_being_retried_is_not_taken_over_by_another_replica(redis_server, r, prefix):
+    """Retrying for longer than claim_idle_ms, the worker keeps re-claiming its entry, so a second
+    replica of the sink (another consumer of the group) does not deliver it a second time."""
+    rx = Receiver([503, 503, 503, 200])
+    one = RunningSink(redis_server, prefix, rx.url, [alert(12)], consumer="replica-1", claim_idle_ms=300,
+                      backoff_s=0.4, backoff_max_s=0.8)
+    two = None
+    try:
+        assert one.until(lambda r_, n: len(rx.requests) >= 1, timeout=10)
+        two = RunningSink(redis_server, prefix, rx.url, [], consumer="replica-2", claim_idle_ms=300)
+        assert one.until(lambda r_, n: len(rx.requests) >= 4 and acked(r_, n), timeout=20)
+        time.sleep(0.6)  # two idle claim intervals: a takeover would show as a fifth request
+    finally:
+        one.stop()
+        if two:
+            two.stop()
+        rx.close()
+    assert [h["Idempotency-Key"] for _, h, _ in rx.requests] == [alert(12).id] * 4
+    assert r.xlen(f"{prefix}:deadletter") == 0
+
+
+def test_a_header_naming_an_unset_variable_stops_the_start(redis_server, r, prefix, monkeypatch):
+    monkeypatch.delenv("PS_NOT_SET", raising=False)
+    with pytest.raises(ConfigError, match=r"^sink cmms: header uses \$\{PS_NOT_SET\}, which is not set$"):
+        RunningSink(redis_server, prefix, "http://127.0.0.1:1/h", [], headers={"Authorization": "Bearer ${PS_NOT_SET}"})

@@ -253,3 +253,76 @@ def test_invalid_yaml_and_non_mapping_name_the_path(tmp_path):
     listing.write_text("- redis\n- cameras\n")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(listing))}: the top level must be a mapping of sections$"):
         load_config(listing, environ={})
+
+
+# --- alert rules: zones, params and overrides, lifecycle fields (issue 6) ---------------------------
+
+def with_zone(d, zones=None, **rule):
+    d["cameras"][0]["zones"] = zones if zones is not None else {"burner": [[10, 10], [60, 10], [60, 50], [10, 50]]}
+    d["alerts"]["rules"][0].update(rule)
+
+
+def test_rule_lifecycle_zone_and_params_load():
+    d = data()
+    with_zone(d, zone="burner", when="max_k >= limit", resolve_when="max_k < 430",
+              params={"limit": 450}, overrides={"kiln-1": {"limit": 470}}, for_s=2.5, clear_frames=3,
+              repeat_s=600, window_s=30)
+    cfg = load_config(data=d, environ={})
+    rule = cfg.alerts.rules[0]
+    assert (rule.zone, rule.for_s, rule.clear_frames, rule.repeat_s, rule.window_s, rule.resolve_when) == (
+        "burner", 2.5, 3, 600.0, 30.0, "max_k < 430")
+    assert cfg.cameras[0].zones == {"burner": [(10, 10), (60, 10), (60, 50), (10, 50)]}
+    assert rule.params_for("kiln-1") == {"limit": 470} and rule.params_for("line-2") == {"limit": 450}
+    assert cfg.rule_cameras(rule) == ["kiln-1"]  # a zone rule runs on the cameras that define the zone
+
+
+@pytest.mark.parametrize("mutate, want", [
+    (lambda d: d["alerts"]["rules"][0].update(when="max_k >= 450 and count.leak >= 1"),
+     "alerts.rules[0].when: rule 'kiln-overheat': unknown field 'count.leak' for task thermal"),
+    (lambda d: d["alerts"]["rules"][0].update(resolve_when="max_k <"),
+     "alerts.rules[0].resolve_when: rule 'kiln-overheat': cannot parse 'max_k <'"),
+    (lambda d: d["alerts"]["rules"][0].update(resolve_when="maxk < 430"),
+     "alerts.rules[0].resolve_when: rule 'kiln-overheat': unknown field 'maxk' for task thermal"),
+    (lambda d: d["alerts"]["rules"][0].update(when="max_k >= limit"),
+     "unknown field 'limit' for task thermal"),
+    (lambda d: d["alerts"]["rules"][0].update(params={"max_k": 3}),
+     "alerts.rules[0].params: rule 'kiln-overheat': param 'max_k' is also a field of thermal"),
+    (lambda d: d["alerts"]["rules"][0].update(params={"limit": 450}, overrides={"kiln-1": {"limt": 470}}),
+     "rule 'kiln-overheat': overrides.kiln-1 sets 'limt', which is not in params (limit)"),
+    (lambda d: d["alerts"]["rules"][0].update(params={"limit": 450}, overrides={"kiln-9": {"limit": 470}}),
+     "alerts.rules[0] (kiln-overheat) names camera 'kiln-9', which is not in cameras"),
+    (lambda d: d["alerts"]["rules"][0].update(cameras=["kiln-1", "kiln-7"]),
+     "alerts.rules[0] (kiln-overheat) names camera 'kiln-7', which is not in cameras"),
+    (lambda d: with_zone(d, zone="burnr"),
+     "alerts.rules[0] (kiln-overheat): unknown zone 'burnr': no thermal camera defines it"),
+    (lambda d: with_zone(d, zone="burner", cameras=["kiln-1", "line-2"]),
+     "alerts.rules[0] (kiln-overheat): unknown zone 'burner' on camera 'line-2' (its zones: none)"),
+    (lambda d: with_zone(d, zones={"a": [[0, 0], [10, 0]]}), "cameras[0].zones: zone 'a' needs at least 3"),
+    (lambda d: with_zone(d, zones={"a": [[0, 0], [10, 10], [20, 20]]}), "zone 'a' has no area"),
+    (lambda d: with_zone(d, zones={"a": [[0, 0], [-1, 10], [20, 20]]}), "zone 'a': points are frame pixels"),
+    (lambda d: with_zone(d, zones={"a b": [[0, 0], [0, 10], [20, 20]]}), "zone name 'a b'"),
+    (lambda d: d["alerts"]["rules"][0].update(task="classify", when="prob > 0.9", zone="x"),
+     "a classify rule judges the whole image and cannot have a zone"),
+    (lambda d: d["alerts"]["rules"][0].update(clear_frames=0), "alerts.rules[0].clear_frames: Input should be"),
+    (lambda d: d["alerts"]["rules"][0].update(for_s=-1), "alerts.rules[0].for_s: Input should be"),
+    (lambda d: d["alerts"]["rules"][0].update(repeat_after=5), "alerts.rules[0].repeat_after: unknown key"),
+])
+def test_rule_errors_name_the_rule_and_the_key(mutate, want):
+    assert want in error_of(mutate)
+
+
+def test_rule_references_are_not_checked_without_cameras():
+    # An alert service may run from a config holding the rules alone.
+    d = data()
+    d["cameras"] = []
+    d["alerts"]["rules"][0].update(cameras=["kiln-9"])
+    assert load_config(data=d, environ={}).alerts.rules[0].cameras == ["kiln-9"]
+
+
+def test_health_alert_settings():
+    d = data()
+    d["alerts"].update(consumer_lag_max=200, consumer_lag_for_s=5, deadletter_max=3, deadletter_window_s=60)
+    a = load_config(data=d, environ={}).alerts
+    assert (a.consumer_lag_max, a.consumer_lag_for_s, a.deadletter_max, a.deadletter_window_s) == (200, 5.0, 3, 60.0)
+    assert "alerts.deadletter_window_s: Input should be greater than 0" in error_of(
+        lambda d: d["alerts"].update(deadletter_window_s=0))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.rules import RuleError, compile_condition, fields_of, threshold_of, value_of
+from services.alerting.state import FIRE, REPEAT, RESOLVE, Episode, Lifecycle, advance, repeated
+from shared.rules import (RiseWindow, RuleError, Zone, check_names, compile_condition, fields_of, threshold_of,
+                          value_of)
 
 THERMAL = {"max_k": 455.5, "avg_k": 310.0, "min_k": 280.25, "hotspots": 2}
 
@@ -174,3 +179,184 @@ def test_value_of():
     assert value_of('label == "anomaly"', fields) == 1.0
     assert value_of("missing > 1", fields) == 1.0
     assert isinstance(value_of("hotspots > 0", {"hotspots": 2}), float)
+
+
+# --- field names per task (checked at config time) -------------------------------------------------
+
+@pytest.mark.parametrize("task, expr", [
+    ("classify", 'label == "anomaly" and prob.anomaly > 0.8'), ("classify", "index == 1 or prob < 0.6"),
+    ("detect", "count.leak >= 1 and max_score.leak > 0.5"), ("detect", "count == 0 or max_score > 0.9"),
+    ("segment", "defect_ratio > 0.02 or regions >= 3 or max_region_area > 400"),
+    ("thermal", "max_k >= 450 or avg_k > 320 or min_k < 250 or hotspots >= 2 or rise_k_per_min > 5"),
+    ("thermal", "max_k >= limit"),  # a param
+])
+def test_known_names_pass(task, expr):
+    check_names(compile_condition(expr), task, params={"limit": 450})
+
+
+@pytest.mark.parametrize("task, expr, bad", [
+    ("detect", "max_k >= 450", "max_k"), ("thermal", "count.leak >= 1", "count.leak"),
+    ("segment", "defect_ration > 0.1", "defect_ration"), ("classify", "probability > 0.5", "probability"),
+    ("thermal", "max_k >= limit", "limit"), ("thermal", "max_k == None", "None"),
+    ("classify", "rise_k_per_min > 1", "rise_k_per_min"),
+])
+def test_unknown_names_are_named(task, expr, bad):
+    with pytest.raises(RuleError, match=f"unknown field '{re.escape(bad)}' for task {task}") as info:
+        check_names(compile_condition(expr), task)
+    assert "fields: " in str(info.value)
+
+
+def test_condition_lists_its_names_in_order():
+    assert compile_condition('label == "max_k" and prob.anomaly > 0.8 or prob.anomaly < x').names == (
+        "label", "prob.anomaly", "x")
+
+
+# --- zones -----------------------------------------------------------------------------------------
+
+SQUARE = Zone("valve", [[10, 10], [50, 10], [50, 40], [10, 40]])
+TRIANGLE = Zone("tri", [[0, 0], [100, 0], [0, 100]])
+
+
+@pytest.mark.parametrize("zone, x, y, inside", [
+    (SQUARE, 30, 25, True), (SQUARE, 9, 25, False), (SQUARE, 51, 25, False), (SQUARE, 30, 41, False),
+    (SQUARE, 10.5, 10.5, True), (TRIANGLE, 10, 10, True), (TRIANGLE, 49, 49, True), (TRIANGLE, 51, 51, False),
+    (TRIANGLE, -1, 5, False),
+])
+def test_zone_contains(zone, x, y, inside):
+    assert zone.contains(x, y) is inside
+
+
+def test_zone_mask_counts_pixel_centres_inside():
+    m = SQUARE.mask(60, 80)
+    assert m.shape == (60, 80) and m.sum() == 40 * 30
+    assert m[10:40, 10:50].all() and not m[:10].any() and not m[:, 50:].any()
+    tri = TRIANGLE.mask(100, 100)
+    assert tri.sum() == sum(1 for y in range(100) for x in range(100) if x + y + 1 < 100)
+    assert SQUARE.mask(60, 80) is m  # cached per size
+
+
+DETECT = {"boxes": [[12, 12, 20, 20, 0.9, 3], [30, 30, 60, 60, 0.6, 3], [100, 5, 110, 15, 0.95, 0],
+                    [40, 5, 48, 13, 0.7, 0]],  # centres (16,16) in; (45,45) out; (105,10) out; (44,9) out
+          "classes": ["pump", "valve", "motor", "leak", "hot_spot"]}
+
+
+def test_detect_fields_in_a_zone_count_box_centres_inside():
+    f = fields_of("detect", DETECT, SQUARE)
+    assert (f["count"], f["count.leak"], f["count.pump"], f["max_score.leak"], f["max_score"]) == (1, 1, 0, 0.9, 0.9)
+    whole = fields_of("detect", DETECT)
+    assert (whole["count"], whole["count.leak"], whole["count.pump"], whole["max_score"]) == (4, 2, 2, 0.95)
+
+
+def test_segment_fields_in_a_zone_measure_the_mask_inside():
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:20, 10:30] = 255  # 200 px, all inside the 1200 px zone
+    mask[50:60, 60:80] = 255  # 200 px outside
+    out = {"defect_ratio": 400 / 4800, "regions": [[10, 10, 20, 10, 200], [60, 50, 20, 10, 200]]}
+    f = fields_of("segment", out, SQUARE, mask=mask)
+    assert f == {"defect_ratio": 200 / 1200, "regions": 1, "max_region_area": 200}
+    assert fields_of("segment", out, SQUARE)["defect_ratio"] is None  # no mask: not measured, rules do not hold
+    assert fields_of("segment", out) == {"defect_ratio": 400 / 4800, "regions": 2, "max_region_area": 200}
+
+
+def test_thermal_fields_in_a_zone_over_its_pixels_or_its_hotspots():
+    kelvin = np.full((60, 80), 300.0, np.float32)
+    kelvin[20, 30] = 480.0  # inside the zone
+    kelvin[55, 70] = 520.0  # outside: hotter, but not the zone's business
+    kelvin[10, 10] = 290.0  # inside
+    out = {"max_k": 520.0, "avg_k": 300.1, "min_k": 290.0, "hotspots": [[30, 20, 480.0], [70, 55, 520.0]]}
+    f = fields_of("thermal", out, SQUARE, kelvin=kelvin)
+    inside = kelvin[10:40, 10:50]
+    assert f == {"max_k": 480.0, "avg_k": round(float(inside.mean()), 3), "min_k": 290.0, "hotspots": 1}
+    # Without the frame (trimmed from the stream, or an 8-bit camera): the zone's hot spots only.
+    assert fields_of("thermal", out, SQUARE) == {"max_k": 480.0, "avg_k": None, "min_k": None, "hotspots": 1}
+    assert fields_of("thermal", {**out, "hotspots": [[70, 55, 520.0]]}, SQUARE)["max_k"] is None
+
+
+# --- rise over a window ----------------------------------------------------------------------------
+
+def test_rise_is_the_least_squares_slope_per_minute():
+    w = RiseWindow(keep_s=60)
+    assert w.rate(30) is None
+    for i in range(31):  # 2 K/s for 30 s, plus alternating noise that a two-point difference would see
+        w.add(float(i), 300.0 + 2.0 * i + (0.5 if i % 2 else -0.5))
+    assert w.rate(30) == pytest.approx(120.0, abs=1.0)
+    assert w.rate(10) == pytest.approx(120.0, abs=4.0)
+    w.add(31.0, None)  # a frame without max_k changes nothing
+    assert len(w.samples) == 31
+
+
+def test_rise_needs_half_its_window_and_forgets_old_samples():
+    w = RiseWindow(keep_s=20)
+    w.add(0.0, 300.0)
+    w.add(4.0, 340.0)
+    assert w.rate(10) is None  # 4 s of a 10 s window
+    w.add(5.0, 350.0)
+    assert w.rate(10) == pytest.approx(600.0)
+    w.add(100.0, 350.0)  # everything before 80 s falls out
+    assert list(w.samples) == [(100.0, 350.0)] and w.rate(10) is None
+    w.add(106.0, 362.0)
+    w.add(103.0, 356.0)  # a late result (replicas reorder frames) takes its place
+    assert list(w.samples) == [(100.0, 350.0), (103.0, 356.0), (106.0, 362.0)]
+    assert w.rate(10) == pytest.approx(120.0)
+    w.add(50.0, 300.0)  # from further back than keep_s (a camera restarted its clock): start again
+    assert list(w.samples) == [(50.0, 300.0)]
+
+
+# --- params ----------------------------------------------------------------------------------------
+
+def test_threshold_and_value_with_params():
+    assert threshold_of("max_k >= limit", {"limit": 470.0}) == 470.0
+    assert threshold_of("limit <= max_k and hotspots >= 2", {"limit": 470}) == 470.0
+    assert threshold_of('label == mode and prob > 0.7', {"mode": "anomaly"}) == 0.7  # a text param is no threshold
+    assert threshold_of("max_k >= limit", {}) is None
+    fields = {"max_k": 455.5, "limit": 470.0}
+    assert value_of("limit <= max_k", fields, skip={"limit"}) == 455.5
+    assert value_of("limit <= max_k", fields) == 470.0
+
+
+# --- the episode lifecycle (services/alerting/state.py) ----------------------------------------------
+
+def run_lifecycle(life: Lifecycle, frames: list, step_s: float = 1.0, ep: Episode | None = None) -> list:
+    """frames: per observation ``hit`` (bool) or ``(hit, clear)``; returns [(index, change)]."""
+    ep = ep or Episode()
+    out = []
+    for i, f in enumerate(frames):
+        hit, clear = (f, not f) if isinstance(f, bool) else f
+        change = advance(ep, life, hit, clear, i * step_s, i * step_s)
+        if change == REPEAT:
+            repeated(ep, i * step_s, f"r{i}")
+        if change:
+            out.append((i, change))
+    return out
+
+
+T, F = True, False
+
+
+@pytest.mark.parametrize("life, frames, want", [
+    (Lifecycle(), [F, T, T, F, F], [(1, FIRE), (3, RESOLVE)]),
+    (Lifecycle(for_frames=3), [T, T, F, T, T, T, T, F], [(5, FIRE), (7, RESOLVE)]),
+    # for_s: the condition must have held 3 s of capture time (4 observations 1 s apart)
+    (Lifecycle(for_s=3), [T, T, T, F, T, T, T, T, T, F], [(7, FIRE), (9, RESOLVE)]),
+    (Lifecycle(for_frames=2, for_s=1.5), [T, T, T, F], [(2, FIRE), (3, RESOLVE)]),
+    # clear_frames: three clearing frames in a row before resolving; a hit in between starts again
+    (Lifecycle(clear_frames=3), [T, F, F, T, F, F, F, T], [(0, FIRE), (6, RESOLVE), (7, FIRE)]),
+    # resolve_when (hysteresis band): neither hit nor clear keeps it firing
+    (Lifecycle(), [(T, F), (F, F), (F, F), (F, T), (F, F), (T, F)], [(0, FIRE), (3, RESOLVE), (5, FIRE)]),
+    # cooldown: a new episode within 5 s of the last firing waits, and fires once the cooldown is over
+    (Lifecycle(cooldown_s=5), [T, F, T, T, T, T, T, F], [(0, FIRE), (1, RESOLVE), (5, FIRE), (7, RESOLVE)]),
+    # repeat_s: re-notify every 3 s while firing
+    (Lifecycle(repeat_s=3), [T, T, T, T, T, T, T, F], [(0, FIRE), (3, REPEAT), (6, REPEAT), (7, RESOLVE)]),
+    (Lifecycle(repeat_s=0), [T] * 10, [(0, FIRE)]),
+])
+def test_lifecycle_table(life, frames, want):
+    assert run_lifecycle(life, frames) == want
+
+
+def test_skipped_repeat_waits_a_full_period():
+    ep, life = Episode(), Lifecycle(repeat_s=2)
+    assert advance(ep, life, True, False, 0, 0) == FIRE
+    assert advance(ep, life, True, False, 2, 2) == REPEAT
+    repeated(ep, 2, None)  # acknowledged: nothing sent, and nothing counted
+    assert (ep.repeats, advance(ep, life, True, False, 3, 3)) == (0, None)
+    assert advance(ep, life, True, False, 4, 4) == REPEAT
