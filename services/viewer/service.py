@@ -28,7 +28,10 @@ from services.viewer.auth import LOGOUT_COOKIE, OPERATOR, Tokens
 from services.viewer.data import ViewerData, valid_alert_id
 
 STATIC = Path(__file__).with_name("static")
-PAGES = {"/": "grid.html", "/alerts": "alerts.html", "/health": "health.html"}
+# path → (the page's <main> in static/, its title, the page name app.js dispatches on); one layout for all
+PAGES = {"/": ("grid.html", "Cameras", "grid"), "/alerts": ("alerts.html", "Alerts", "alerts"),
+         "/health": ("health.html", "Health", "health"), "camera": ("camera.html", "Camera", "camera"),
+         "alert": ("alert.html", "Alert", "alert")}
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
 EVIDENCE_TYPES = {"snapshot.jpg": "image/jpeg", "clip.mp4": "video/mp4", "evidence.json": "application/json"}
@@ -141,12 +144,18 @@ class ViewerService(Service):
         if path.startswith("/api/"):
             return self.api(req, path, role, how)
         if path in PAGES:
-            return self.static(PAGES[path])
+            return self.page(*PAGES[path])
         if re.fullmatch(r"/cameras/[^/]+", path):
-            return self.static("camera.html")
+            return self.page(*PAGES["camera"])
         if re.fullmatch(r"/alerts/[^/]+", path):
-            return self.static("alert.html")
+            return self.page(*PAGES["alert"])
         return None
+
+    def page(self, main: str, title: str, name: str) -> HttpResponse:
+        """static/layout.html around the page's own <main> (fixed strings only: no data goes into HTML)."""
+        html = ((STATIC / "layout.html").read_text().replace("{{title}}", title).replace("{{page}}", name)
+                .replace("{{main}}", (STATIC / main).read_text()))
+        return HttpResponse(200, html.encode(), CONTENT_TYPES[".html"], dict(SECURITY_HEADERS))
 
     def secure(self, req: HttpRequest) -> bool:
         """Mark the cookie Secure when people reach the viewer over HTTPS (a TLS proxy in front)."""
