@@ -1,10 +1,13 @@
 """infer: batch prepared frames per task, run the task's network, write one result per frame.
 
-A batch closes at ``max_batch`` frames or ``max_wait_ms`` after its first frame. Frames go to
-the device as uint8 (uint16 for radiometric thermal) and are normalised there. Results and the
-acknowledgement of their inputs are written in one MULTI. A batch that makes the model fail is
-retried frame by frame; a frame that fails alone stays pending and is dead-lettered by the
-reader once it has been delivered ``max_deliveries`` times.
+A batch closes at ``max_batch`` frames or ``max_wait_ms`` after its first frame. A reader thread per
+task reads and decodes the next batch while the model runs the current one (``batcher.py``); frames go
+to the device as uint8 (uint16 for radiometric thermal) in one copy and are normalised there. The
+network runs through the engine the config picks (``engine.py``). Results and the acknowledgement of
+their inputs are written in one MULTI. A batch that makes the model fail is retried frame by frame; a
+frame that fails alone stays pending and is dead-lettered by the reader once it has been delivered
+``max_deliveries`` times. A new model version is loaded and warmed beside the running one and switched
+in between two batches (``swap.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from shared.models import Predictor
 from shared.runtime import Service
 from shared.streams import DeadLetters, Entry, GroupReader, Names, Outbox, Producer, ensure_group
 
+from services.inference.batcher import Batch, Batcher, BufferPool, collect
+from services.inference.engine import EngineOptions, build_engine
+from services.inference.jpeg import DeviceDecoder, decode_prepared
 from services.inference.postprocess import to_original
 
 STAGE = "infer"
@@ -32,6 +38,27 @@ def pick_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"inference.device is {name!r} but no CUDA device is available")
     return name
+
+
+def load_predictor(task: str, *, path: str | None, arch: str | None, device: str, inf) -> Predictor:
+    """The task's model on ``device``, running through the configured engine, checked and warmed.
+
+    On the CPU the engine is traced on two images and checked on one (that run is its warm-up): a
+    detector at 448×448 costs seconds per image on one thread, and a slow start delays every camera.
+    On CUDA it is warmed at ``max_batch`` and 1, the sizes the batcher sends most (cuDNN autotuning,
+    CUDA graph capture happen then, not on the first frames).
+    """
+    predictor = Predictor.from_spec(task, path=path, arch=arch, device=device)
+    cuda = str(device).startswith("cuda")
+    example = predictor.example_input(max(2, inf.max_batch) if cuda else 2)
+    if predictor.runtime == "torch":  # an ONNX model directory already runs through ORT
+        predictor.set_engine(build_engine(predictor.model, example, EngineOptions.from_config(inf), device))
+    if cuda:
+        with torch.inference_mode():
+            for n in sorted({inf.max_batch, 1}):
+                predictor.forward(example[:n].contiguous(memory_format=predictor._memory_format))
+        torch.cuda.synchronize()
+    return predictor
 
 
 @dataclass
@@ -55,8 +82,8 @@ class InferService(Service):
         self.runners: list[TaskRunner] = []
         for task in tasks or cfg.tasks():
             spec = cfg.model(task)
-            predictor = Predictor.from_spec(task, path=str(spec.path) if spec.path else None, arch=spec.arch,
-                                            device=self.device)
+            predictor = load_predictor(task, path=str(spec.path) if spec.path else None, arch=spec.arch,
+                                       device=self.device, inf=inf)
             reader = GroupReader(self.r, self.names.prepared(task), Names.infer_group(task), self.consumer,
                                  dead=self.dead, count=inf.max_batch, block_ms=s.read_block_ms,
                                  claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries,
@@ -66,12 +93,21 @@ class InferService(Service):
                                       device=self.device).set(1)
             metrics.BATCH_SIZE.labels(task=task)
             metrics.END_TO_END.labels(task=task)
-            self.log.info("%s: %s on %s", task, predictor.name, self.device)
+            self.log.info("%s: %s on %s (engine %s)", task, predictor.name, self.device, predictor.engine)
         metrics.precreate_stage(STAGE, ("decode_error", "max_deliveries", "oversized", "wrong_shape"))
         for cam in cfg.cameras:
             metrics.precreate_camera(cam.id, (STAGE,))
             metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="stale")
         self.cameras = {c.id: c for c in cfg.cameras}
+        self.pool = BufferPool(pin=self.device.startswith("cuda"))
+        self.jpeg = DeviceDecoder(self.device)
+        self.batcher = Batcher(self.runners, self.decode_batch, max_batch=inf.max_batch, max_wait_ms=inf.max_wait_ms,
+                               block_ms=s.read_block_ms, stop=self.stop, pool=self.pool)
+        self.swapper = None
+        if inf.model_poll_s > 0:
+            from services.inference.swap import ModelSwapper
+
+            self.swapper = ModelSwapper(self)
 
     def setup(self) -> None:
         for run in self.runners:
@@ -82,29 +118,26 @@ class InferService(Service):
         return {self.names.results, *(r.reader.stream for r in self.runners)}
 
     def step(self) -> None:
-        # With several tasks in one worker, each gets a share of the blocking read time.
-        block = max(1, self.cfg.streams.read_block_ms // max(1, len(self.runners)))
-        for run in self.runners:
-            entries = self.collect(run, block)
-            if entries:
-                self.process(run, entries)
+        # Threads start here, not in setup: after a Redis error the loop reconnects and a dead reader restarts.
+        self.batcher.start()
+        if self.swapper is not None:
+            self.swapper.start()
+            self.swapper.apply()  # between two batches: never inside one
+        batch = self.batcher.next(timeout=self.cfg.streams.read_block_ms / 1000)
+        if batch is not None:
+            self.process_batch(batch)
 
+    def close(self) -> None:
+        # Batches the reader threads already read are delivered to this consumer: finish and acknowledge them.
+        self.batcher.drain(self.process_batch, timeout=self.drain_s * 0.8)
+        if self.swapper is not None:
+            self.swapper.stop()
+
+    # --- reading and decoding (the reader thread) ---------------------------------------------------
     def collect(self, run: TaskRunner, block_ms: int) -> list[Entry]:
         """Up to ``max_batch`` entries, waiting at most ``max_wait_ms`` after the first one."""
         inf = self.cfg.inference
-        entries = run.reader.read(count=inf.max_batch, block_ms=block_ms)
-        if not entries:
-            return []
-        deadline = time.monotonic() + inf.max_wait_ms / 1000
-        while len(entries) < inf.max_batch and not self.stop.is_set():
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                break
-            more = run.reader.read(count=inf.max_batch - len(entries), block_ms=left_ms)
-            if not more:
-                break
-            entries += more
-        return entries
+        return collect(run.reader, inf.max_batch, inf.max_wait_ms, block_ms, self.stop)[0]
 
     def decode(self, run: TaskRunner, entries: list[Entry], box: Outbox) -> list[tuple[Entry, Prepared]]:
         """Valid prepared messages of this task; the rest are dead-lettered (in ``box``) or dropped as stale."""
@@ -112,7 +145,7 @@ class InferService(Service):
         good = []
         for e in entries:
             try:
-                msg = Prepared.from_msgpack(e.payload, self.cfg.streams.max_message_bytes)
+                msg = decode_prepared(e.payload, self.cfg.streams.max_message_bytes)
                 if msg.task != run.task:
                     raise DecodeError(f"prepared message for task {msg.task!r} on the {run.task} stream")
             except DecodeError as err:
@@ -129,50 +162,109 @@ class InferService(Service):
             good.append((e, msg))
         return good
 
-    def predict(self, run: TaskRunner, items: list[tuple[Entry, Prepared]]) -> list[dict]:
-        """Model outputs per item; frames of different shapes (thermal cameras) run as separate sub-batches."""
-        outs: list[dict | None] = [None] * len(items)
+    def stack(self, run: TaskRunner, items: list, box: Outbox | None, buffers: list | None) -> list:
+        """[(item indexes, [n, h, w, c] tensor)] per frame shape, stacked once into a reusable buffer.
+
+        JPEG-routed frames (``decode: infer``) are decoded and resized here as a batch, on the device
+        where it has a decoder. A JPEG that does not decode is dead-lettered (in ``box``) and left out.
+        """
         by_shape: dict[tuple, list[int]] = {}
         for i, (_, msg) in enumerate(items):
-            by_shape.setdefault((msg.shape, msg.dtype), []).append(i)
-        for idx in by_shape.values():
-            batch = np.stack([items[i][1].array() for i in idx])
-            tensor = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            for i, out in zip(idx, run.predictor.predict(tensor)):
+            by_shape.setdefault((msg.shape, msg.dtype, getattr(msg, "enc", "raw")), []).append(i)
+        groups = []
+        for (shape, dtype, enc), idx in by_shape.items():
+            if enc == "jpeg":
+                tensor, bad = self.jpeg.decode_batch([items[i][1] for i in idx])
+                for j in bad:
+                    entry = items[idx[j]][0]
+                    if box is None:
+                        raise DecodeError(f"entry {entry.id}: JPEG does not decode")
+                    run.reader.reject(box, entry, "decode_error", f"JPEG of entry {entry.id} does not decode")
+                keep = [k for k in range(len(idx)) if k not in set(bad)]
+                if keep:
+                    groups.append(([idx[k] for k in keep], tensor[keep] if bad else tensor))
+                continue
+            tdtype = torch.uint8 if dtype == "uint8" else torch.uint16
+            buf = self.pool.take((len(idx), *shape), tdtype) if buffers is not None else torch.empty(
+                (len(idx), *shape), dtype=tdtype)
+            np.stack([items[i][1].array() for i in idx], out=buf.numpy())
+            if buffers is not None:
+                buffers.append(buf)
+            groups.append((idx, buf))
+        return groups
+
+    def decode_batch(self, run: TaskRunner, batch: Batch) -> None:
+        """Reader thread: decode ``batch.entries`` into items and device-ready tensors."""
+        batch.box = Outbox(self.r)
+        items = self.decode(run, batch.entries, batch.box)
+        groups = self.stack(run, items, batch.box, batch.buffers)
+        used = sorted(i for idx, _ in groups for i in idx)
+        if len(used) != len(items):  # some JPEGs were dead-lettered: renumber what is left
+            remap = {old: new for new, old in enumerate(used)}
+            groups = [([remap[i] for i in idx], t) for idx, t in groups]
+            items = [items[i] for i in used]
+        batch.items, batch.groups = items, groups
+
+    # --- running and writing (the service's thread) ------------------------------------------------
+    def predict(self, run: TaskRunner, items: list[tuple[Entry, Prepared]], groups: list | None = None,
+                predictor: Predictor | None = None) -> list[dict]:
+        """Model outputs per item; frames of different shapes (thermal cameras) run as separate sub-batches."""
+        predictor = predictor or run.predictor
+        if groups is None:
+            groups = self.stack(run, items, None, None)
+        outs: list[dict | None] = [None] * len(items)
+        for idx, tensor in groups:
+            for i, out in zip(idx, predictor.predict(tensor.to(self.device, non_blocking=True))):
                 outs[i] = out
         return outs
 
     def process(self, run: TaskRunner, entries: list[Entry]) -> None:
-        box = Outbox(self.r)
-        items = self.decode(run, entries, box)
+        """Decode, run, write and acknowledge ``entries`` now (the batcher's path without the thread)."""
+        batch = Batch(run, entries, time.monotonic(), time.monotonic())
+        self.decode_batch(run, batch)
+        self._run(batch)
+        for buf in batch.buffers:
+            self.pool.give(buf)
+
+    def process_batch(self, batch: Batch) -> None:
+        try:
+            self._run(batch)
+        finally:
+            self.batcher.done(batch)
+
+    def _run(self, batch: Batch) -> None:
+        run, items, box = batch.run, batch.items, batch.box
+        predictor = run.predictor  # a swap happens between batches; this batch's results name its model
         t0 = time.perf_counter()
         try:
-            outs = self.predict(run, items) if items else []
+            outs = self.predict(run, items, batch.groups, predictor) if items else []
         except Exception as e:  # a poison frame must not take the batch with it: retry one by one
             self.log.warning("%s batch of %d failed (%s: %s); retrying frame by frame",
                              run.task, len(items), type(e).__name__, e)
             box.commit()
             for item in items:
-                self.process_one(run, item)
+                self.process_one(run, item, predictor)
             return
         spent = time.perf_counter() - t0
-        self.write(run, items, outs, spent, box)
+        self.write(run, items, outs, spent, box, predictor)
         box.commit()
 
-    def process_one(self, run: TaskRunner, item: tuple[Entry, Prepared]) -> None:
+    def process_one(self, run: TaskRunner, item: tuple[Entry, Prepared], predictor: Predictor | None = None) -> None:
+        predictor = predictor or run.predictor
         box = Outbox(self.r)
         t0 = time.perf_counter()
         try:
-            outs = self.predict(run, [item])
+            outs = self.predict(run, [item], None, predictor)
         except Exception as e:  # left pending: the reader dead-letters it after max_deliveries
             self.log.warning("%s frame %s#%d fails the model (%s: %s); left for redelivery",
                              run.task, item[1].camera, item[1].seq, type(e).__name__, e)
             return
-        self.write(run, [item], outs, time.perf_counter() - t0, box)
+        self.write(run, [item], outs, time.perf_counter() - t0, box, predictor)
         box.commit()
 
-    def write(self, run: TaskRunner, items, outs, spent: float, box: Outbox) -> None:
-        model = run.predictor.name
+    def write(self, run: TaskRunner, items, outs, spent: float, box: Outbox,
+              predictor: Predictor | None = None) -> None:
+        model = (predictor or run.predictor).name
         done = time.time_ns()
         lat = []
         for (entry, msg), out in zip(items, outs):

@@ -88,6 +88,28 @@ class PreprocessService(Service):
         self.reader.ack(box, [e.id for e in entries])
         box.commit()
 
+    def jpeg_tasks(self, frame: Frame, cam: CameraConfig) -> list[str]:
+        """With ``inference.decode: infer``, the tasks an 8-bit colour JPEG goes to undecoded."""
+        if (self.cfg.inference.decode != "infer" or frame.enc != "jpeg" or frame.dtype != "uint8"
+                or len(frame.shape) != 3 or frame.shape[2] != 3):
+            return []
+        from services.inference.jpeg import ROUTABLE
+
+        return [t for t in cam.tasks if t in ROUTABLE]
+
+    def route_jpeg(self, frame: Frame, cam: CameraConfig, tasks: list[str], frame_id: str, t0: float,
+                   box: Outbox) -> None:
+        """Send the JPEG bytes as ``enc: "jpeg"`` prepared messages (infer decodes the batch on its device);
+        the ROI and letterbox come from the frame's shape alone."""
+        from services.inference.jpeg import PreparedJpeg, plan
+
+        for task in tasks:
+            lb, roi = plan(frame.shape[:2], cam.roi, task, self.sizes[task])
+            msg = PreparedJpeg(camera=cam.id, seq=frame.seq, ts=frame.ts, task=task, frame_id=frame_id,
+                               shape=(*self.sizes[task], 3), dtype="uint8", data=frame.data, orig=frame.shape[:2],
+                               letterbox=lb, roi=roi, t={STAGE: time.perf_counter() - t0}, enc="jpeg")
+            self.out[task].add(msg.to_msgpack(), cam=cam.id, task=task, box=box)
+
     def handle(self, entry, box: Outbox) -> None:
         t0 = time.perf_counter()
         try:
@@ -102,12 +124,15 @@ class PreprocessService(Service):
         if cam.max_age_ms and (time.time_ns() - frame.ts) / 1e6 > cam.max_age_ms:
             box.on_commit(lambda: metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="stale").inc())
             return
+        routed = self.jpeg_tasks(frame, cam)
+        tasks = [t for t in cam.tasks if t not in routed]
         try:
-            image = decode_frame(frame)
-            prepared = [(task, *prepare(image, cam, task, self.sizes[task])) for task in cam.tasks]
+            image = decode_frame(frame) if tasks else None
+            prepared = [(task, *prepare(image, cam, task, self.sizes[task])) for task in tasks]
         except DecodeError as e:
             self.dead.add(box, self.names.frames, entry, "decode_error", str(e))
             return
+        self.route_jpeg(frame, cam, routed, entry.id, t0, box)
         spent = time.perf_counter() - t0
         for task, img, lb, roi in prepared:
             msg = Prepared(camera=cam.id, seq=frame.seq, ts=frame.ts, task=task, frame_id=entry.id,

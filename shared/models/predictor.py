@@ -33,6 +33,22 @@ class Predictor:
         # uint8 → (x/255 − mean)/std folded into one multiply-add on the device.
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
         self._kmean, self._kstd = mean, std
+        # What runs the network: the eager module until `set_engine` gives a faster one (services/inference/engine.py).
+        self.forward = self.model
+        self.engine = "eager"
+        self._memory_format = torch.contiguous_format
+
+    def set_engine(self, engine) -> None:
+        """Run the network through ``engine`` (a callable on normalised NCHW float32 batches, with ``label``
+        and ``memory_format``), built and checked against ``self.model`` by the caller."""
+        self.forward = engine
+        self.engine = engine.label
+        self._memory_format = engine.memory_format
+
+    def example_input(self, batch: int, seed: int = 0) -> torch.Tensor:
+        """A random normalised [batch, C, H, W] network input on the device (for tracing and warming engines)."""
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(batch, self.meta.channels, *self.input_size(), generator=gen).to(self.device)
 
     @property
     def name(self) -> str:
@@ -67,7 +83,10 @@ class Predictor:
             if runtime == "onnx":
                 raise ModelError(f"architecture {arch!r}: the onnx runtime needs a model directory with a model.onnx")
             meta = default_meta(arch)
-            model, where = build_for(meta), f"architecture {arch!r}"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # the same untrained network in every process and run (the demo, tests)
+                model = build_for(meta)
+            where = f"architecture {arch!r}"
         else:
             raise ModelError(f"model for task {task!r}: give a model directory path or an architecture name")
         if meta.task != task:
@@ -91,7 +110,8 @@ class Predictor:
 
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
         # permute is a view: the NHWC → NCHW change happens on the device, not in preprocess.
-        return batch.permute(0, 3, 1, 2).to(torch.float32) * self._scale + self._shift
+        x = batch.permute(0, 3, 1, 2).to(torch.float32) * self._scale + self._shift
+        return x.contiguous(memory_format=self._memory_format)
 
     def predict(self, batch: torch.Tensor) -> list[dict]:
         """One result `out` dict per image, in the prepared image's pixels, with plain Python/numpy values."""
@@ -102,7 +122,7 @@ class Predictor:
             return getattr(self, f"_{self.task}")(batch)
 
     def _classify(self, batch: torch.Tensor) -> list[dict]:
-        probs = self.model(self._normalise(batch)).float().softmax(1)
+        probs = self.forward(self._normalise(batch)).float().softmax(1)
         index = probs.argmax(1)
         classes = list(self.meta.classes)
         probs, index = probs.cpu().tolist(), index.cpu().tolist()
@@ -112,7 +132,7 @@ class Predictor:
         ]
 
     def _detect(self, batch: torch.Tensor) -> list[dict]:
-        raw = self.model(self._normalise(batch))
+        raw = self.forward(self._normalise(batch))
         th = self.meta.thresholds
         if self.arch == "anchor_free":
             from .detect_af import decode_anchor_free
@@ -130,7 +150,7 @@ class Predictor:
         return out
 
     def _segment(self, batch: torch.Tensor) -> list[dict]:
-        prob = self.model(self._normalise(batch)).float().sigmoid()[:, 0]
+        prob = self.forward(self._normalise(batch)).float().sigmoid()[:, 0]
         masks = (prob > self.meta.thresholds["mask"]).to(torch.uint8).cpu().numpy()
         prob_max = prob.amax((1, 2)).cpu().tolist()
         return [{"mask": m, "prob_max": p} for m, p in zip(masks, prob_max)]
@@ -149,7 +169,7 @@ class Predictor:
         net_in = net_in.unsqueeze(1)
         if tuple(net_in.shape[2:]) != self.input_size():
             net_in = F.interpolate(net_in, size=self.input_size(), mode="bilinear", align_corners=False, antialias=True)
-        cnn = to_kelvin(self.model(net_in).float()).cpu().tolist()
+        cnn = to_kelvin(self.forward(net_in).float()).cpu().tolist()
         if not radiometric:
             return [
                 {"max_k": c[0], "avg_k": c[1], "min_k": c[2], "hotspots": [], "source": "cnn", "cnn": c} for c in cnn

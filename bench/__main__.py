@@ -1,0 +1,32 @@
+"""``python -m bench MODE …`` (also ``plantsight bench MODE …``): pipeline, transport, engines, soak, quality.
+
+Each mode prints one JSON object on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+MODES = {
+    "pipeline": "bench.pipeline",
+    "transport": "bench.transport",
+    "engines": "bench.engines",
+    "soak": "bench.soak",
+    "quality": "bench.quality",
+}
+USAGE = "usage: python -m bench {" + ",".join(MODES) + "} [options]   (MODE --help for its options)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in MODES:
+        print(USAGE, file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(MODES[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Engines side by side: the bare network as eager, frozen TorchScript, ONNX Runtime and INT8, one process.
+
+    python -m bench engines [--arch simple_cnn resnet18] [--batch 8] [--seconds 10] [--device auto]
+
+For each architecture, every engine runs the same random batch through the same ``Predictor`` code
+infer uses (normalisation on the device, postprocessing) for a fixed time after a warm-up; prints one
+JSON object with images per second per engine, which engine ``auto`` picks, and how it compares with
+eager measured in the same run. This is the measurement behind ``inference.engine: auto``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from bench.common import machine, say, versions
+
+ENGINES = ("eager", "torchscript", "onnx", "int8")
+
+
+def measure(predictor, batch: int, seconds: float, size: tuple[int, int], channels: int) -> dict:
+    """Images per second of ``predictor.predict`` on a random uint8 batch (after two warm-up calls)."""
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.integers(0, 256, (batch, *size, channels), dtype=np.uint8)).to(predictor.device)
+    for _ in range(2):
+        predictor.predict(frames)
+    n, cpu0, t0 = 0, time.process_time(), time.perf_counter()
+    while True:
+        predictor.predict(frames)
+        n += 1
+        if time.perf_counter() - t0 >= seconds and n >= 3:
+            break
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"img_per_s": round(n * batch / wall, 1), "ms_per_batch": round(wall / n * 1000, 2),
+            "cpu_ms_per_img": round(cpu / (n * batch) * 1000, 2)}
+
+
+def bare_model(task: str, arch: str | None, path: str | None, device: str, inf, seconds: float) -> tuple[dict, object]:
+    """(figures, predictor) of the engine the config picks, as infer would load it."""
+    from services.inference.service import load_predictor
+
+    predictor = load_predictor(task, path=path, arch=arch, device=device, inf=inf)
+    out = measure(predictor, inf.max_batch, seconds, predictor.input_size(), predictor.meta.channels)
+    out["engine"] = predictor.engine
+    return out, predictor
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench engines", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="classify")
+    ap.add_argument("--arch", nargs="+", default=["simple_cnn", "resnet18"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per engine and architecture")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    args = ap.parse_args(argv)
+
+    from services.inference.engine import EngineOptions, build_engine
+    from services.inference.service import pick_device
+    from shared.config import InferenceConfig
+    from shared.models import Predictor
+
+    device = pick_device(args.device)
+    auto = EngineOptions().resolved(torch.device(device))
+    out = {"mode": "engines", "task": args.task, "batch": args.batch, "seconds": args.seconds,
+           **machine(device), "auto": auto.engine, "archs": {}}
+    for arch in args.arch:
+        rows = {}
+        for name in args.engines:
+            say(f"{arch}: {name} for {args.seconds:g} s")
+            p = Predictor.from_spec(args.task, arch=arch, device=device)
+            inf = InferenceConfig(device=device, max_batch=args.batch, engine=name, amp="off")
+            engine = build_engine(p.model, p.example_input(args.batch), EngineOptions.from_config(inf), device)
+            p.set_engine(engine)
+            rows[name] = {**measure(p, args.batch, args.seconds, p.input_size(), p.meta.channels),
+                          "engine": engine.label}
+        best = max(rows, key=lambda k: rows[k]["img_per_s"])
+        out["archs"][arch] = {"engines": rows, "fastest": best,
+                              "auto_vs_eager": round(rows[auto.engine]["img_per_s"] / rows["eager"]["img_per_s"], 3)
+                              if auto.engine in rows and "eager" in rows else None}
+    out["load_average_end"] = machine(device)["load_average"]
+    out["versions"] = versions()
+    print(json.dumps(out))
+    return 0

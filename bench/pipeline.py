@@ -1,0 +1,264 @@
+"""The whole pipeline against the bare model, in one run.
+
+    python -m bench pipeline [--task classify] [--arch simple_cnn] [--batch 8] [--seconds 60] [--cameras 4]
+
+Starts a private redis-server and ``plantsight up`` (every service its own process) with synthetic
+640×480 cameras in ``block`` mode sending as fast as they are allowed, waits for results and a
+warm-up, then measures for ``--seconds``: frames through infer per second, capture → result latency
+(the result entry's Redis id time minus the frame's ``ts``), per-stage throughput, time and CPU per
+frame, drops. After the pipeline has stopped, the same process runs the bare model the way infer
+loads it (same device, batch size, input size and engine) for ``--model-seconds``. Prints one JSON
+object; progress goes to stderr. ``--rate`` caps the cameras' total frames per second (half the
+saturating rate gives the latency target's load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import msgpack
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.common import PrivateRedis, cpu_seconds, free_port, machine, percentile, say, versions
+
+SERVICES = ("ingest", "preprocess", "infer", "alert")
+SCENES = {"classify": "process", "detect": "equipment", "segment": "surface"}
+
+
+def config(args, redis_url: str, ports: dict[str, int]) -> dict:
+    fps = min(240.0, args.rate / args.cameras) if args.rate else 240.0
+    cams = [{"id": f"cam{i}", "source": f"synthetic://{SCENES[args.task]}?w={args.width}&h={args.height}&seed={i}",
+             "fps": fps, "tasks": [args.task], "on_full": "block", "queue": args.queue} for i in range(args.cameras)]
+    model = {"path": args.model} if args.model else {"arch": args.arch}
+    inference = {"device": args.device, "max_batch": args.batch, "max_wait_ms": args.max_wait_ms,
+                 "engine": args.engine, "decode": args.decode, "model_poll_s": 0}
+    if args.threads:
+        inference["threads"] = args.threads
+    return {"redis": {"url": redis_url, "prefix": "bench"}, "cameras": cams, "models": {args.task: model},
+            "services": {s: {"port": p, **({"replicas": args.preprocess} if s == "preprocess" else {})}
+                         for s, p in ports.items()},
+            "inference": inference, "streams": {"results_maxlen": 200_000}}
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def total(samples: dict, name: str, **want) -> float:
+    return sum(v for (n, lab), v in samples.items()
+               if n == name and all(dict(lab).get(k) == w for k, w in want.items()))
+
+
+class Snapshot:
+    """Counters of every service and the CPU time of every process at one moment."""
+
+    def __init__(self, ports: dict[str, list[int]], pids: dict[str, list[int]], r, results: str):
+        self.t = time.monotonic()
+        self.metrics = {s: [scrape(p) for p in ps] for s, ps in ports.items()}
+        self.cpu = {s: sum(cpu_seconds(p) for p in ps) for s, ps in pids.items()}
+        last = r.xrevrange(results, count=1)
+        self.last_result = last[0][0].decode() if last else "0-0"
+
+    def count(self, service: str, name: str, **want) -> float:
+        return sum(total(m, name, **want) for m in self.metrics[service])
+
+
+def read_results(r, stream: str, after: str, until: str) -> list[tuple[str, dict]]:
+    out, start = [], "(" + after
+    while True:
+        chunk = r.xrange(stream, min=start, max=until, count=2000)
+        if not chunk:
+            return out
+        out += [(i.decode(), msgpack.unpackb(f[b"m"], raw=False)) for i, f in chunk]
+        start = "(" + chunk[-1][0].decode()
+
+
+def run_pipeline(args) -> dict:
+    server = PrivateRedis()
+    r = server.client()
+    work = Path(tempfile.mkdtemp(prefix="plantsight-bench-"))
+    ports = {s: free_port() for s in SERVICES}
+    cfg = config(args, server.url, ports)
+    (work / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    log = open(work / "up.log", "wb+")
+    say(f"pipeline: {args.cameras} camera(s) {args.width}x{args.height} JPEG → {args.task} {args.model or args.arch}, "
+        f"batch {args.batch}, device {args.device}; log {work / 'up.log'}")
+    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", str(work / "bench.yaml")],
+                          stdout=log, stderr=subprocess.STDOUT)
+    results = "bench:results"
+    try:
+        deadline = time.monotonic() + 300
+        while r.xlen(results) == 0:
+            if up.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"the pipeline produced no result:\n{log.read().decode(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        say(f"first results; warming up for {args.warmup:g} s")
+        time.sleep(args.warmup)
+        log.seek(0)
+        found: dict[str, list[int]] = {}
+        for m in re.finditer(rb"plantsight up: (\w+)(?:#\d+)?\s+pid (\d+)\s+http://127.0.0.1:(\d+)", log.read()):
+            found.setdefault(m.group(1).decode(), []).append((int(m.group(2)), int(m.group(3))))
+        pids = {s: [p for p, _ in v] for s, v in found.items()}
+        sports = {s: [port for _, port in v] for s, v in found.items()}
+        a = Snapshot(sports, pids, r, results)
+        t_end = time.monotonic() + args.seconds
+        while (left := t_end - time.monotonic()) > 0:
+            time.sleep(min(5.0, left))
+            say(f"measuring: {max(0.0, t_end - time.monotonic()):.0f} s left, {r.xlen(results)} results so far")
+        b = Snapshot(sports, pids, r, results)
+        window = read_results(r, results, a.last_result, b.last_result)
+        redis_version = r.info("server")["redis_version"]
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+        server.close()
+    log.close()
+    shutil.rmtree(work, ignore_errors=True)  # kept (and named on stderr) only when the run failed
+    return {**summarise(args, a, b, window, server), "redis_server": redis_version}
+
+
+def summarise(args, a: Snapshot, b: Snapshot, window: list, server) -> dict:
+    span = b.t - a.t
+    infer_n = (b.count("infer", "plantsight_frames_total", stage="infer")
+               - a.count("infer", "plantsight_frames_total", stage="infer"))
+    lat = [int(i.split("-")[0]) - m["ts"] / 1e6 for i, m in window]
+    stages = {}
+    for s, stage in (("ingest", "ingest"), ("preprocess", "preprocess"), ("infer", "infer")):
+        n = b.count(s, "plantsight_frames_total", stage=stage) - a.count(s, "plantsight_frames_total", stage=stage)
+        stages[s] = {"fps": round(n / span, 1), "cpu_ms_per_frame": round((b.cpu[s] - a.cpu[s]) / max(n, 1) * 1000, 2)}
+    for s in ("preprocess", "infer"):
+        t = [m["t"].get(s, 0.0) for _, m in window]
+        stages[s]["ms_per_frame"] = round(sum(t) / max(len(t), 1) * 1000, 3)
+    bs = (b.count("infer", "plantsight_batch_size_sum") - a.count("infer", "plantsight_batch_size_sum"),
+          b.count("infer", "plantsight_batch_size_count") - a.count("infer", "plantsight_batch_size_count"))
+    inf_s = b.count("infer", "plantsight_inference_seconds_sum") - a.count("infer", "plantsight_inference_seconds_sum")
+    stages["infer"]["batch_mean"] = round(bs[0] / bs[1], 2) if bs[1] else None
+    stages["infer"]["model_ms_per_batch"] = round(inf_s / bs[1] * 1000, 2) if bs[1] else None
+    stages["alert"] = {"cpu_ms_per_frame": round((b.cpu["alert"] - a.cpu["alert"]) / max(infer_n, 1) * 1000, 2)}
+    dropped: dict[str, float] = {}
+    for s in SERVICES:
+        for snap, sign in ((b, 1), (a, -1)):
+            for m in snap.metrics[s]:
+                for (n, lab), v in m.items():
+                    if n == "plantsight_frames_dropped_total" and v:
+                        key = f"{dict(lab)['stage']}:{dict(lab)['reason']}"
+                        dropped[key] = dropped.get(key, 0) + sign * v
+    cpu_all = sum(b.cpu[s] - a.cpu[s] for s in b.cpu)
+    return {
+        "pipeline_fps": round(infer_n / span, 1),
+        "p50_ms": _r(percentile(lat, 50)), "p95_ms": _r(percentile(lat, 95)), "p99_ms": _r(percentile(lat, 99)),
+        "stages": stages,
+        "cpu_ms_per_frame_all_services": round(cpu_all / max(infer_n, 1) * 1000, 2),
+        "dropped": {k: v for k, v in dropped.items() if v},
+        "results_in_window": len(window), "seconds": round(span, 1),
+    }
+
+
+def _r(v):
+    return None if v is None else round(v, 1)
+
+
+def decode_floor_ms(width: int, height: int, size: tuple[int, int], n: int = 50) -> float:
+    """CPU ms to decode one of the synthetic cameras' JPEGs and resize it for the network (the floor)."""
+    from shared.data.synthetic import scene_from_source
+    from shared.imaging import decode_frame, encode, stretch
+    from shared.messages import Frame
+
+    img, _ = scene_from_source(f"synthetic://process?w={width}&h={height}&seed=0").render(0)
+    enc, data = encode(img, 90)
+    frame = Frame(camera="x", seq=0, ts=0, enc=enc, shape=img.shape, dtype="uint8", data=data)
+    t0 = time.process_time()
+    for _ in range(n):
+        stretch(decode_frame(frame), size)
+    return (time.process_time() - t0) / n * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="classify", choices=sorted(SCENES))
+    ap.add_argument("--arch", default="simple_cnn")
+    ap.add_argument("--model", help="a model directory instead of an untrained --arch")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-wait-ms", type=int, default=20)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup", type=float, default=15.0)
+    ap.add_argument("--model-seconds", type=float, default=20.0)
+    ap.add_argument("--cameras", type=int, default=4)
+    ap.add_argument("--rate", type=float, help="total frames per second of all cameras (default: as fast as allowed)")
+    ap.add_argument("--half-load", action="store_true",
+                    help="then run again with the cameras at half the measured pipeline_fps and report the latency "
+                         "there against max_wait_ms + 2 × the model's batch time")
+    ap.add_argument("--queue", type=int, default=8, help="frames per camera that may wait for preprocess")
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--preprocess", type=int, default=1, help="preprocess replicas")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, help="infer's torch threads (default: torch's; the bare model keeps "
+                                                  "torch's default)")
+    ap.add_argument("--engine", default="auto", choices=["auto", "eager", "torchscript", "onnx", "int8"])
+    ap.add_argument("--decode", default="preprocess", choices=["preprocess", "infer"])
+    args = ap.parse_args(argv)
+
+    from services.inference.service import pick_device
+    from shared.config import InferenceConfig
+
+    device = pick_device(args.device)
+    start = machine(device)
+    out = {"mode": "pipeline", "task": args.task, "arch": args.arch, "model": args.model, "batch": args.batch,
+           "max_wait_ms": args.max_wait_ms, "cameras": args.cameras, "frame": [args.height, args.width],
+           "rate": args.rate, "decode": args.decode, "infer_threads": args.threads, **start}
+    out.update(run_pipeline(args))
+    say(f"bare model for {args.model_seconds:g} s")
+    from bench.engines import bare_model
+
+    inf = InferenceConfig(device=device, max_batch=args.batch, max_wait_ms=args.max_wait_ms, engine=args.engine)
+    bare, predictor = bare_model(args.task, None if args.model else args.arch, args.model, device, inf,
+                                 args.model_seconds)
+    out["model_fps"] = bare["img_per_s"]
+    out["bare_model"] = {**bare, "input": list(predictor.input_size())}
+    out["engine"] = bare["engine"]
+    out["ratio"] = round(out["pipeline_fps"] / bare["img_per_s"], 3) if bare["img_per_s"] else None
+    floor = decode_floor_ms(args.width, args.height, predictor.input_size())
+    outside = out["cpu_ms_per_frame_all_services"] - bare["cpu_ms_per_img"]
+    out["cpu_outside_model_ms_per_frame"] = round(outside, 2)
+    out["decode_resize_floor_ms"] = round(floor, 2)
+    out["outside_vs_floor"] = round(outside / floor, 2) if floor else None
+    if args.half_load and out["pipeline_fps"]:
+        import copy
+
+        half = copy.copy(args)
+        half.rate = out["pipeline_fps"] / 2
+        say(f"half load: cameras at {half.rate:.1f} frames/s in all")
+        h = run_pipeline(half)
+        batch_ms = bare["ms_per_batch"]
+        target = args.max_wait_ms + 2 * batch_ms
+        out["half_load"] = {"rate": round(half.rate, 2), "pipeline_fps": h["pipeline_fps"], "p50_ms": h["p50_ms"],
+                            "p95_ms": h["p95_ms"], "p99_ms": h["p99_ms"], "target_p99_ms": round(target, 1),
+                            "within_target": h["p99_ms"] is not None and h["p99_ms"] <= target,
+                            "batch_mean": h["stages"]["infer"]["batch_mean"], "dropped": h["dropped"]}
+    out["load_average_end"] = machine(device)["load_average"]
+    out["versions"] = versions()
+    keys = ["pipeline_fps", "model_fps", "ratio", "p50_ms", "p95_ms", "p99_ms"]
+    print(json.dumps({**{k: out.pop(k) for k in keys}, **out}))
+    return 0

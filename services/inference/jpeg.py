@@ -1,0 +1,191 @@
+"""The JPEG-routed ``prepared`` variant (``inference.decode: infer``) and infer's batch decoder for it.
+
+With ``decode: infer``, preprocess does not decode 8-bit colour JPEG frames: it computes the ROI
+and the letterbox from the frame's shape alone and routes the encoded bytes (a fraction of the raw
+pixels' Redis traffic) as a ``prepared`` message with ``enc: "jpeg"`` whose ``shape`` is the network
+input the frame becomes. infer decodes and resizes the whole batch: on CUDA with
+``torchvision.io.decode_jpeg(device="cuda")`` and a resize/letterbox on the GPU, so CPU decode stops
+being the ceiling; without CUDA with OpenCV and exactly the resize preprocess would have done, so the
+option works everywhere and gives the same results as the CPU path there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.imaging import crop, letterbox, stretch
+from shared.messages import _NUM, DecodeError, Message, Prepared, _check, _shape
+
+ROUTABLE = ("classify", "detect", "segment")  # thermal needs the pixels (radiometric PNG, or gray conversion)
+SPATIAL = ("detect", "segment")  # letterboxed, as in preprocess
+FILL = 114
+
+
+@dataclass(frozen=True)
+class PreparedJpeg(Prepared):
+    """A prepared message carrying the frame's JPEG bytes; ``shape`` is the network input it decodes to."""
+
+    kind: ClassVar[str] = "prepared"
+    spec: ClassVar[dict] = {**Prepared.spec, "enc": ((str,), True)}
+    enc: str = "jpeg"
+
+    def __post_init__(self):
+        _check(self.enc == "jpeg", f"prepared: enc {self.enc!r} is not 'jpeg'")
+        object.__setattr__(self, "shape", _shape(self.shape, "prepared shape"))
+        object.__setattr__(self, "orig", _shape(self.orig, "prepared orig")[:2])
+        _check(len(self.shape) == 3 and self.shape[2] == 3, "jpeg prepared shape must be [h, w, 3]")
+        _check(self.dtype == "uint8", f"jpeg prepared dtype {self.dtype!r} is not uint8")
+        _check(len(self.letterbox) == 3 and all(isinstance(v, _NUM) for v in self.letterbox) and self.letterbox[0] > 0,
+               "prepared letterbox must be [scale > 0, pad_x, pad_y]")
+        _check(len(self.roi) == 4 and all(isinstance(v, int) and v >= 0 for v in self.roi),
+               "prepared roi must be [x, y, w, h] of non-negative integers")
+        _check(len(self.data) > 0, "jpeg prepared has no data")
+        object.__setattr__(self, "letterbox", tuple(self.letterbox))
+        object.__setattr__(self, "roi", tuple(self.roi))
+
+    def array(self) -> np.ndarray:
+        raise DecodeError("prepared: enc is jpeg, decode the batch first")
+
+
+class _AnyPrepared:
+    """Dispatches a decoded map to Prepared or PreparedJpeg (so the bytes are unpacked once)."""
+
+    kind = "prepared"
+
+    @classmethod
+    def from_dict(cls, obj):
+        enc = obj.get("enc", "raw") if isinstance(obj, dict) else "raw"
+        if enc == "jpeg":
+            return PreparedJpeg.from_dict(obj)
+        _check(enc == "raw", f"prepared: enc {enc!r} is not one of raw, jpeg")
+        return Prepared.from_dict(obj)
+
+
+def decode_prepared(raw: bytes, max_bytes: int) -> Prepared:
+    """A ``prepared`` message of either variant; DecodeError as for every message."""
+    return Message.from_msgpack.__func__(_AnyPrepared, raw, max_bytes)
+
+
+def plan(frame_hw: tuple[int, int], roi: tuple | None, task: str, size: tuple[int, int]) -> tuple[tuple, tuple]:
+    """(letterbox, roi used) for a frame of ``frame_hw`` without decoding it: the arithmetic of
+    ``imaging.crop`` and ``imaging.letterbox``/``stretch``."""
+    h, w = frame_hw
+    if roi is None:
+        used, rh, rw = (0, 0, 0, 0), h, w
+    else:
+        x, y, qw, qh = roi
+        x1, y1 = min(x, w - 1), min(y, h - 1)
+        x2, y2 = min(x + qw, w), min(y + qh, h)
+        used, rh, rw = (x1, y1, x2 - x1, y2 - y1), y2 - y1, x2 - x1
+    if task not in SPATIAL:
+        return (1.0, 0, 0), used
+    th, tw = size
+    scale = min(th / rh, tw / rw)
+    nh, nw = max(1, round(rh * scale)), max(1, round(rw * scale))
+    return (scale, (tw - nw) // 2, (th - nh) // 2), used
+
+
+def _region(msg: Prepared) -> tuple[int, int, int, int]:
+    x, y, w, h = msg.roi
+    return (0, 0, msg.orig[1], msg.orig[0]) if w == 0 else (x, y, w, h)
+
+
+class DeviceDecoder:
+    """Decodes and resizes a batch of ``PreparedJpeg`` into a uint8 [n, h, w, 3] tensor.
+
+    ``method``: "auto" is "torch" on CUDA (nvJPEG through torchvision, resize on the GPU) and "cv2"
+    elsewhere (OpenCV, the same pixels as the preprocess path); "torch" on the CPU runs the GPU code
+    path with torchvision's CPU decoder (the tests compare it with "cv2").
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", method: str = "auto"):
+        self.device = torch.device(device)
+        if method == "auto":
+            method = "torch" if self.device.type == "cuda" else "cv2"
+        if method not in ("torch", "cv2"):
+            raise ValueError(f"jpeg decode method {method!r}: must be auto, torch or cv2")
+        self.method = method
+
+    def decode_batch(self, msgs: list[Prepared]) -> tuple[torch.Tensor, list[int]]:
+        """(frames [n, h, w, 3] uint8, indexes that did not decode: their rows are left filled)."""
+        if not msgs:
+            raise ValueError("decode_batch needs at least one message")
+        if self.method == "cv2":
+            return self._cv2(msgs)
+        return self._torch(msgs)
+
+    # --- OpenCV on the CPU: exactly preprocess's pixels --------------------------------------------
+    def _cv2(self, msgs):
+        th, tw, _ = msgs[0].shape
+        out = np.full((len(msgs), th, tw, 3), FILL, np.uint8)
+        bad = []
+        for i, m in enumerate(msgs):
+            img = cv2.imdecode(np.frombuffer(m.data, np.uint8), cv2.IMREAD_COLOR)
+            if img is None or img.shape[:2] != tuple(m.orig):
+                bad.append(i)
+                continue
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+            x, y, w, h = _region(m)
+            region, _ = crop(img, None if m.roi[2] == 0 else (x, y, w, h))
+            if m.task in SPATIAL:
+                out[i], _ = letterbox(region, (th, tw), FILL)
+            else:
+                out[i], _ = stretch(region, (th, tw))
+        return torch.from_numpy(out), bad
+
+    # --- torchvision decode (nvJPEG on CUDA) and resize on the device ------------------------------
+    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        dev = self.device if self.device.type == "cuda" else "cpu"
+        with warnings.catch_warnings():  # torchvision 0.29 marks its image codecs deprecated (torchcodec next)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._decode_all(datas, dev, decode_jpeg, ImageReadMode)
+
+    @staticmethod
+    def _decode_all(datas, dev, decode_jpeg, ImageReadMode):  # noqa: N803
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev))
+        except RuntimeError:  # one bad JPEG fails the whole call: find it
+            out = []
+            for d in datas:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def _torch(self, msgs):
+        th, tw, _ = msgs[0].shape
+        with warnings.catch_warnings():  # the bytes are read-only; decode_jpeg only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            datas = [torch.frombuffer(m.data, dtype=torch.uint8) for m in msgs]
+        images = self._decode(datas)
+        dev = images[0].device if images and images[0] is not None else self.device
+        out = torch.full((len(msgs), th, tw, 3), FILL, dtype=torch.uint8, device=dev)
+        bad = [i for i, (img, m) in enumerate(zip(images, msgs))
+               if img is None or tuple(img.shape[1:]) != tuple(m.orig)]
+        # Frames of one camera share size, ROI and letterbox: resize each such group in one call.
+        groups: dict[tuple, list[int]] = {}
+        for i, m in enumerate(msgs):
+            if i not in bad:
+                groups.setdefault((tuple(m.orig), tuple(m.roi), tuple(m.letterbox), m.task), []).append(i)
+        for (_, _, (scale, px, py), task), idx in groups.items():
+            x, y, w, h = _region(msgs[idx[0]])
+            region = torch.stack([images[i][:, y:y + h, x:x + w] for i in idx]).float()
+            if task in SPATIAL:
+                nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            else:
+                nh, nw, px, py = th, tw, 0, 0
+            resized = F.interpolate(region, size=(nh, nw), mode="bilinear", align_corners=False,
+                                    antialias=nh * nw < h * w)
+            pix = resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            out[idx, py:py + nh, px:px + nw] = pix
+        return out, bad

@@ -1,0 +1,160 @@
+"""Model swap without downtime: a new model version is loaded and warmed beside the running one, and
+switched in between two batches.
+
+A watcher thread looks every ``inference.model_poll_s`` at where each task's model comes from: the
+hash ``{P}:models:deploy`` (field = task, value = JSON ``{"path": DIR}``, written by
+``plantsight models deploy TASK DIR``) or else the model directory in the config. When the directory's
+``model.json`` or weights change (size, mtime, version), it builds the new Predictor with the same
+engine options and warms it; the service's thread switches to it before its next batch, so every
+batch runs wholly on one model and nothing is dropped or run twice. A model that fails to load or warm,
+or takes another input size than the running one (preprocess sizes frames for it), is refused: the old
+model keeps running and the refusal is logged and kept in ``{P}:models:active`` with the reason.
+``plantsight_model_info`` drops the old model's series and shows the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from shared import metrics
+from shared.models.modeldir import META, WEIGHTS
+
+log = logging.getLogger("plantsight.swap")
+
+
+def deploy_key(prefix: str) -> str:
+    return f"{prefix}:models:deploy"
+
+
+def active_key(prefix: str) -> str:
+    return f"{prefix}:models:active"
+
+
+def fingerprint(path: str | os.PathLike) -> tuple:
+    """What changes when a model directory gets a new model: its files' sizes and mtimes."""
+    d = Path(path)
+    out = [str(d.resolve())]
+    for name in (META, WEIGHTS, "model.onnx"):
+        try:
+            st = (d / name).stat()
+            out.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None))
+    return tuple(out)
+
+
+class ModelSwapper:
+    """Watches each task's model source; loads, warms and hands over new versions to ``service``."""
+
+    def __init__(self, service):
+        self.svc = service
+        self.poll_s = service.cfg.inference.model_poll_s
+        self.current: dict[str, tuple | None] = {}
+        self.refused: dict[str, tuple] = {}
+        self.ready: dict[str, tuple] = {}  # task -> (predictor, fingerprint, path), waiting for a batch boundary
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        for run in service.runners:
+            spec = service.cfg.model(run.task)
+            self.current[run.task] = fingerprint(spec.path) if spec.path else None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="model-swap", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s) and not self.svc.stop.is_set():
+            try:
+                self.check()
+            except Exception as e:  # Redis away, a file vanishing mid-read: look again next time
+                log.warning("model check failed (%s: %s); trying again in %.0f s", type(e).__name__, e, self.poll_s)
+
+    def source(self, task: str) -> str | None:
+        """The model directory a task should run: a deployed one, else the config's (None: an architecture)."""
+        raw = self.svc.r.hget(deploy_key(self.svc.names.prefix), task)
+        if raw:
+            try:
+                return str(json.loads(raw)["path"])
+            except (ValueError, KeyError, TypeError):
+                log.error("%s: deploy entry for %s is not JSON with a path: %r", deploy_key(self.svc.names.prefix),
+                          task, raw[:200])
+                return None
+        spec = self.svc.cfg.model(task)
+        return str(spec.path) if spec.path else None
+
+    def check(self) -> None:
+        """Look once at every task's source; load and warm what changed (on this, the watcher's, thread)."""
+        for run in self.svc.runners:
+            path = self.source(run.task)
+            if path is None:
+                continue
+            fp = fingerprint(path)
+            if fp == self.current.get(run.task) or fp == self.refused.get(run.task):
+                continue
+            with self._lock:
+                if run.task in self.ready and self.ready[run.task][1] == fp:
+                    continue
+            self.load(run, path, fp)
+
+    def load(self, run, path: str, fp: tuple) -> None:
+        from services.inference.service import load_predictor
+
+        inf = self.svc.cfg.inference
+        old = run.predictor
+        try:
+            new = load_predictor(run.task, path=path, arch=None, device=self.svc.device, inf=inf)
+            if new.input_size() != old.input_size():
+                raise ValueError(f"takes {list(new.input_size())} frames but {old.name} takes "
+                                 f"{list(old.input_size())}; restart preprocess and infer to change the size")
+        except Exception as e:  # ModelError, a corrupt file, a warm-up failing: keep the running model
+            why = f"{type(e).__name__}: {e}"[:500]
+            log.error("%s: new model in %s refused (%s); keeping %s", run.task, path, why, old.name)
+            self.refused[run.task] = fp
+            self._publish(run.task, old, path, refused=why)
+            return
+        log.info("%s: %s from %s loaded and warmed (engine %s); switching at the next batch",
+                 run.task, new.name, path, new.engine)
+        with self._lock:
+            self.ready[run.task] = (new, fp, path)
+
+    def apply(self) -> None:
+        """On the service's thread, between two batches: switch every task whose new model is ready."""
+        if not self.ready:
+            return
+        with self._lock:
+            ready, self.ready = self.ready, {}
+        for run in self.svc.runners:
+            if run.task not in ready:
+                continue
+            new, fp, path = ready[run.task]
+            old, run.predictor = run.predictor, new
+            self.current[run.task] = fp
+            self.refused.pop(run.task, None)
+            dev = self.svc.device
+            try:
+                metrics.MODEL_INFO.remove(run.task, old.arch, old.version, dev)
+            except KeyError:
+                pass
+            metrics.MODEL_INFO.labels(task=run.task, model=new.arch, version=new.version, device=dev).set(1)
+            self.svc.log.info("%s: switched from %s to %s", run.task, old.name, new.name)
+            try:
+                self._publish(run.task, new, path)
+            except Exception as e:  # Redis away: the switch stands; the record is only for people
+                log.warning("could not record the switch in %s: %s", active_key(self.svc.names.prefix), e)
+
+    def _publish(self, task: str, predictor, path: str, refused: str | None = None) -> None:
+        rec = {"model": predictor.name, "engine": predictor.engine, "path": path, "at": time.time(),
+               "consumer": self.svc.consumer}
+        if refused:
+            rec["refused"] = refused
+        self.svc.r.hset(active_key(self.svc.names.prefix), task, json.dumps(rec))

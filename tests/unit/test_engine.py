@@ -1,0 +1,117 @@
+"""Every engine option gives the eager network's outputs (within tolerance) for each task's default architecture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from services.inference.engine import (TOL_FP32, TOL_REDUCED, EngineOptions, build_engine, check_parity,
+                                       example_batch)
+from shared.config import DEFAULT_ARCH, InferenceConfig
+from shared.models import Predictor
+from shared.models.modeldir import default_meta
+from shared.models.registry import build
+
+# Small inputs keep the tests quick; each network is fully convolutional or takes its input size.
+SMALL = {"simple_cnn": ((32, 32), {"input_size": (32, 32)}), "simple_yolo": ((64, 64), {"width": 0.25}),
+         "unet_small": ((32, 32), {}), "thermal_cnn": ((32, 32), {}),
+         "anchor_free": ((64, 64), {"width": 8, "neck": 16})}
+ARCHS = sorted({*DEFAULT_ARCH.values(), "anchor_free"})
+OPTIONS = {
+    "eager": EngineOptions(engine="eager", amp="off"),
+    "torchscript": EngineOptions(engine="torchscript", amp="off"),
+    "onnx": EngineOptions(engine="onnx", amp="off"),
+    "int8": EngineOptions(engine="int8", amp="off"),
+    "channels_last": EngineOptions(engine="eager", amp="off", channels_last=True),
+    "torchscript+channels_last": EngineOptions(engine="torchscript", amp="off", channels_last=True),
+    "bf16": EngineOptions(engine="eager", amp="bf16"),
+}
+
+
+def _net(arch: str):
+    torch.manual_seed(0)
+    size, opts = SMALL[arch]
+    net = build(arch, **opts).eval()
+    with torch.no_grad():  # BatchNorm with non-trivial statistics, so folding it is really exercised
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    channels = 1 if arch == "thermal_cnn" else 3
+    return net, example_batch(channels, size, 4, seed=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_each_engine_option_matches_eager(arch, option):
+    net, x = _net(arch)
+    engine = build_engine(net, x, OPTIONS[option], "cpu", check=False)
+    assert "failed" not in engine.label
+    assert engine.label.split("+")[0] == OPTIONS[option].engine
+    reduced = option in ("int8", "bf16")
+    atol, rtol = TOL_REDUCED if reduced else TOL_FP32
+    fresh = example_batch(x.shape[1], tuple(x.shape[2:]), 3, seed=7)  # another batch size and other pixels
+    with torch.inference_mode():
+        want, got = net(fresh), engine(fresh.contiguous(memory_format=engine.memory_format))
+    assert got.shape == want.shape
+    diff = (want - got.float()).abs().max().item()
+    assert diff <= atol + rtol * want.abs().max().item(), f"{arch} {option}: differs by {diff}"
+
+
+def test_auto_is_a_frozen_trace_on_cpu_and_eager_fp16_channels_last_on_cuda():
+    auto = EngineOptions.from_config(InferenceConfig())
+    assert auto.resolved(torch.device("cpu")) == EngineOptions("torchscript", "off", False, False, False)
+    assert auto.resolved(torch.device("cuda")) == EngineOptions("eager", "fp16", True, False, False)
+    # CUDA-only options are dropped on the CPU; compile asks for the eager network under auto.
+    opts = EngineOptions(cuda_graphs=True, compile=True)
+    assert opts.resolved(torch.device("cpu")) == EngineOptions("eager", "off", False, True, False)
+
+
+def test_an_engine_that_cannot_run_falls_back_to_eager_with_the_reason():
+    net, x = _net("simple_cnn")
+    engine = build_engine(net, x, EngineOptions(engine="int8", amp="off"), "meta")
+    assert engine.label.startswith("eager (int8 failed: RuntimeError: dynamic INT8 quantisation runs on the CPU")
+    assert engine.forward is net
+
+
+def test_parity_check_rejects_an_engine_that_differs():
+    net, x = _net("simple_cnn")
+    with pytest.raises(RuntimeError, match="differs from eager by"):
+        check_parity(net, lambda t: net(t) + 0.5, x, reduced=False)
+    with pytest.raises(RuntimeError, match="output shape"):
+        check_parity(net, lambda t: net(t)[:, :1], x, reduced=False)
+
+
+@pytest.mark.parametrize("task", ["classify", "detect", "segment", "thermal"])
+def test_predictor_gives_the_same_results_through_the_default_engine(task):
+    arch = DEFAULT_ARCH[task]
+    size, opts = SMALL[arch]
+    meta = default_meta(arch)
+    meta.input_size, meta.options = size, {k: v for k, v in opts.items() if k != "input_size"}
+    if arch == "simple_cnn":
+        meta.options = {"input_size": list(size)}
+    net, _ = _net(arch)
+    eager = Predictor(net, meta, "cpu")
+    fast = Predictor(net, meta, "cpu")
+    engine = build_engine(net, fast.example_input(4), EngineOptions.from_config(InferenceConfig()), "cpu")
+    assert engine.label == "torchscript"
+    fast.set_engine(engine)
+    rng = np.random.default_rng(3)
+    if task == "thermal":
+        frames = torch.from_numpy(rng.integers(29000, 46000, (3, 40, 48, 1), dtype=np.uint16))
+    else:
+        frames = torch.from_numpy(rng.integers(0, 256, (3, *size, 3), dtype=np.uint8))
+    want, got = eager.predict(frames), fast.predict(frames)
+    assert len(want) == len(got) == 3
+    for a, b in zip(want, got):
+        if task == "classify":
+            assert a["index"] == b["index"] and np.allclose(a["probs"], b["probs"], atol=1e-4)
+        elif task == "detect":
+            assert len(a["boxes"]) == len(b["boxes"])
+            assert np.allclose(np.array(a["boxes"]).reshape(-1, 6), np.array(b["boxes"]).reshape(-1, 6), atol=1e-2)
+        elif task == "segment":
+            assert abs(a["prob_max"] - b["prob_max"]) < 1e-4
+            assert (a["mask"] != b["mask"]).mean() < 0.01
+        else:
+            assert a["max_k"] == b["max_k"] and np.allclose(a["cnn"], b["cnn"], atol=1e-2)
