@@ -33,9 +33,9 @@ __all__ = ["train", "DEFAULTS", "TRANSFER_ARCHS", "compute_loss", "train_step", 
 # object per 32-px cell and misses hot spots on equipment; `--arch simple_yolo` still trains it.
 DEFAULTS = {
     "classify": {"arch": "simple_cnn", "epochs": 15, "batch_size": 16, "lr": 5e-4, "n": 500},
-    "detect": {"arch": "anchor_free", "epochs": 12, "batch_size": 8, "lr": 2e-3, "n": 400},
-    "segment": {"arch": "unet_small", "epochs": 20, "batch_size": 8, "lr": 1e-3, "n": 500},
-    "thermal": {"arch": "thermal_cnn", "epochs": 30, "batch_size": 16, "lr": 1e-3, "n": 500},
+    "detect": {"arch": "anchor_free", "epochs": 10, "batch_size": 8, "lr": 2e-3, "n": 400},
+    "segment": {"arch": "unet_small", "epochs": 8, "batch_size": 8, "lr": 1e-3, "n": 500},
+    "thermal": {"arch": "thermal_cnn", "epochs": 10, "batch_size": 16, "lr": 1e-3, "n": 500},
 }
 # Builder options used on CPU unless given: the chapter's SimpleYOLO at half width is ~4× cheaper.
 CPU_OPTIONS = {"simple_yolo": {"width": 0.5}}
