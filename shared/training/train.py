@@ -34,7 +34,7 @@ __all__ = ["train", "DEFAULTS", "TRANSFER_ARCHS", "compute_loss", "train_step", 
 DEFAULTS = {
     "classify": {"arch": "simple_cnn", "epochs": 15, "batch_size": 16, "lr": 5e-4, "n": 500},
     "detect": {"arch": "anchor_free", "epochs": 10, "batch_size": 8, "lr": 2e-3, "n": 400},
-    "segment": {"arch": "unet_small", "epochs": 8, "batch_size": 8, "lr": 1e-3, "n": 500},
+    "segment": {"arch": "unet_small", "epochs": 5, "batch_size": 8, "lr": 1e-3, "n": 400},
     "thermal": {"arch": "thermal_cnn", "epochs": 10, "batch_size": 16, "lr": 1e-3, "n": 500},
 }
 # Builder options used on CPU unless given: the chapter's SimpleYOLO at half width is ~4× cheaper.
