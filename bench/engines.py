@@ -20,6 +20,14 @@ import torch
 from bench.common import machine, say, versions
 
 ENGINES = ("eager", "torchscript", "onnx", "int8")
+# On CUDA the choices are precision, layout and launch overhead rather than the runtime.
+CUDA_VARIANTS = {
+    "eager": {"engine": "eager", "amp": "off", "channels_last": False},
+    "fp16": {"engine": "eager", "amp": "fp16", "channels_last": False},
+    "fp16+channels_last": {"engine": "eager", "amp": "fp16", "channels_last": True},
+    "bf16+channels_last": {"engine": "eager", "amp": "bf16", "channels_last": True},
+    "fp16+channels_last+cuda_graphs": {"engine": "eager", "amp": "fp16", "channels_last": True, "cuda_graphs": True},
+}
 
 
 def measure(predictor, batch: int, seconds: float, size: tuple[int, int], channels: int) -> dict:
@@ -59,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=10.0, help="per engine and architecture")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    ap.add_argument("--engines", nargs="+", choices=[*ENGINES, *CUDA_VARIANTS],
+                    help=f"default: {' '.join(ENGINES)} on the CPU, {' '.join(CUDA_VARIANTS)} on CUDA")
     args = ap.parse_args(argv)
 
     from services.inference.engine import EngineOptions, build_engine
@@ -68,23 +77,30 @@ def main(argv: list[str] | None = None) -> int:
     from shared.models import Predictor
 
     device = pick_device(args.device)
+    cuda = device.startswith("cuda")
+    variants = {name: CUDA_VARIANTS.get(name, {"engine": name, "amp": "off"}) if cuda else {"engine": name, "amp": "off"}
+                for name in args.engines or (CUDA_VARIANTS if cuda else ENGINES)}
     auto = EngineOptions().resolved(torch.device(device))
+    auto_name = next((n for n, v in variants.items()
+                      if EngineOptions.from_config(InferenceConfig(device=device, **v)).resolved(torch.device(device))
+                      == auto), auto.engine)
     out = {"mode": "engines", "task": args.task, "batch": args.batch, "seconds": args.seconds,
-           **machine(device), "auto": auto.engine, "archs": {}}
+           **machine(device), "auto": auto_name, "archs": {}}
     for arch in args.arch:
         rows = {}
-        for name in args.engines:
+        for name, variant in variants.items():
             say(f"{arch}: {name} for {args.seconds:g} s")
             p = Predictor.from_spec(args.task, arch=arch, device=device)
-            inf = InferenceConfig(device=device, max_batch=args.batch, engine=name, amp="off")
+            inf = InferenceConfig(device=device, max_batch=args.batch, **variant)
             engine = build_engine(p.model, p.example_input(args.batch), EngineOptions.from_config(inf), device)
             p.set_engine(engine)
             rows[name] = {**measure(p, args.batch, args.seconds, p.input_size(), p.meta.channels),
                           "engine": engine.label}
         best = max(rows, key=lambda k: rows[k]["img_per_s"])
         out["archs"][arch] = {"engines": rows, "fastest": best,
-                              "auto_vs_eager": round(rows[auto.engine]["img_per_s"] / rows["eager"]["img_per_s"], 3)
-                              if auto.engine in rows and "eager" in rows else None}
+                              "auto": auto_name,
+                              "auto_vs_eager": round(rows[auto_name]["img_per_s"] / rows["eager"]["img_per_s"], 3)
+                              if auto_name in rows and "eager" in rows else None}
     out["load_average_end"] = machine(device)["load_average"]
     out["versions"] = versions()
     print(json.dumps(out))

@@ -10,6 +10,10 @@ frame, drops. After the pipeline has stopped, the same process runs the bare mod
 loads it (same device, batch size, input size and engine) for ``--model-seconds``. Prints one JSON
 object; progress goes to stderr. ``--rate`` caps the cameras' total frames per second (half the
 saturating rate gives the latency target's load).
+
+The cameras replay ``--replay`` pre-rendered JPEG frames (``synthetic://…&replay=N``): a real camera
+hands ingest encoded bytes, so the scene renderer's CPU (about 20 ms a frame) is not the pipeline's
+and is left out of the measurement; ``--render`` puts it back.
 """
 
 from __future__ import annotations
@@ -38,17 +42,28 @@ SCENES = {"classify": "process", "detect": "equipment", "segment": "surface"}
 
 def config(args, redis_url: str, ports: dict[str, int]) -> dict:
     fps = min(240.0, args.rate / args.cameras) if args.rate else 240.0
-    cams = [{"id": f"cam{i}", "source": f"synthetic://{SCENES[args.task]}?w={args.width}&h={args.height}&seed={i}",
+    replay = "" if args.render else f"&replay={args.replay}"
+    cams = [{"id": f"cam{i}",
+             "source": f"synthetic://{SCENES[args.task]}?w={args.width}&h={args.height}&seed={i}{replay}",
              "fps": fps, "tasks": [args.task], "on_full": "block", "queue": args.queue} for i in range(args.cameras)]
     model = {"path": args.model} if args.model else {"arch": args.arch}
-    inference = {"device": args.device, "max_batch": args.batch, "max_wait_ms": args.max_wait_ms,
-                 "engine": args.engine, "decode": args.decode, "model_poll_s": 0}
-    if args.threads:
-        inference["threads"] = args.threads
+    replicas = {"ingest": args.ingest, "preprocess": args.preprocess}
     return {"redis": {"url": redis_url, "prefix": "bench"}, "cameras": cams, "models": {args.task: model},
-            "services": {s: {"port": p, **({"replicas": args.preprocess} if s == "preprocess" else {})}
-                         for s, p in ports.items()},
-            "inference": inference, "streams": {"results_maxlen": 200_000}}
+            "services": {s: {"port": p, "replicas": replicas.get(s, 1)} for s, p in ports.items()},
+            "inference": inference_options(args),
+            # preprocess must not pause before infer has a full batch waiting
+            "streams": {"results_maxlen": 200_000, "prepared_backlog": max(32, 4 * args.batch)}}
+
+
+def inference_options(args) -> dict:
+    """``inference:`` for the pipeline and the bare model alike."""
+    out = {"device": args.device, "max_batch": args.batch, "max_wait_ms": args.max_wait_ms, "engine": args.engine,
+           "amp": args.amp, "cuda_graphs": args.cuda_graphs, "decode": args.decode, "model_poll_s": 0}
+    if args.threads:
+        out["threads"] = args.threads
+    if args.channels_last is not None:
+        out["channels_last"] = args.channels_last == "on"
+    return out
 
 
 def scrape(port: int) -> dict[tuple, float]:
@@ -213,11 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--preprocess", type=int, default=1, help="preprocess replicas")
+    ap.add_argument("--ingest", type=int, default=1, help="ingest replicas (they share the cameras out)")
+    ap.add_argument("--replay", type=int, default=50, help="pre-rendered frames each camera sends in a loop")
+    ap.add_argument("--render", action="store_true", help="render and encode every frame in ingest instead")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, help="infer's torch threads (default: torch's; the bare model keeps "
                                                   "torch's default)")
     ap.add_argument("--engine", default="auto", choices=["auto", "eager", "torchscript", "onnx", "int8"])
     ap.add_argument("--decode", default="preprocess", choices=["preprocess", "infer"])
+    ap.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"])
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--channels-last", choices=["on", "off"])
     args = ap.parse_args(argv)
 
     from services.inference.service import pick_device
@@ -227,12 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     start = machine(device)
     out = {"mode": "pipeline", "task": args.task, "arch": args.arch, "model": args.model, "batch": args.batch,
            "max_wait_ms": args.max_wait_ms, "cameras": args.cameras, "frame": [args.height, args.width],
-           "rate": args.rate, "decode": args.decode, "infer_threads": args.threads, **start}
+           "rate": args.rate, "decode": args.decode, "infer_threads": args.threads,
+           "source": "render" if args.render else f"replay {args.replay}", "ingest_replicas": args.ingest,
+           "preprocess_replicas": args.preprocess, **start}
     out.update(run_pipeline(args))
     say(f"bare model for {args.model_seconds:g} s")
     from bench.engines import bare_model
 
-    inf = InferenceConfig(device=device, max_batch=args.batch, max_wait_ms=args.max_wait_ms, engine=args.engine)
+    inf = InferenceConfig(**{**inference_options(args), "device": device})
     bare, predictor = bare_model(args.task, None if args.model else args.arch, args.model, device, inf,
                                  args.model_seconds)
     out["model_fps"] = bare["img_per_s"]

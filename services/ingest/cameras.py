@@ -6,6 +6,9 @@ The source string decides the kind (``classify_source``):
 kind         source                                                 live
 ===========  =====================================================  =====
 synthetic    ``synthetic://<scene>[?w=..&h=..&seed=..&anomaly=..]``  no
+             (``&replay=N``: render N frames once, then send their
+             encoded bytes over and over, as a camera that encodes
+             on board would; for benchmarks)
 file         a video file (``file://`` allowed)                     no
 folder       a folder of images (jpg, jpeg, png, bmp, tif, tiff)    no
 stream       ``rtsp://``, ``rtsps://``, ``http://``, ``https://``   yes
@@ -13,7 +16,8 @@ usb          ``/dev/videoN`` or a device index such as ``0``         yes
 ===========  =====================================================  =====
 
 ``read()`` gives RGB ``uint8`` H×W×3, or radiometric ``uint16`` H×W×1 (thermal scenes, 16-bit
-single-channel images); ``None`` once a finite source (file, folder with ``loop=False``) has ended.
+single-channel images), or an ``Encoded`` frame (bytes a camera already encoded, which ingest
+forwards untouched); ``None`` once a finite source (file, folder with ``loop=False``) has ended.
 Every failure is a ``SourceError`` whose message names the source; the caller closes the source,
 waits ``Backoff.next()`` seconds and opens it again.
 """
@@ -23,8 +27,10 @@ from __future__ import annotations
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -37,6 +43,33 @@ READ_TIMEOUT_MS = 10_000
 
 class SourceError(Exception):
     """A camera source cannot be opened or read; the message names the source and the reason."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A frame the source already has encoded (JPEG for 8-bit colour, PNG otherwise): ingest sends
+    ``data`` as it is instead of decoding and encoding again."""
+
+    enc: str
+    data: bytes
+    shape: tuple[int, ...]
+    dtype: str
+
+    def thumbnail(self) -> np.ndarray:
+        """A small decoded picture (1/8 size for JPEG, which libjpeg decodes for a fraction of the
+        full cost) for the frozen/black checks."""
+        buf = np.frombuffer(self.data, np.uint8)
+        if self.enc == "jpeg":
+            return cv2.imdecode(buf, cv2.IMREAD_REDUCED_COLOR_8)
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        return image[:, :, None] if image.ndim == 2 else image
+
+    @classmethod
+    def of(cls, image: np.ndarray, quality: int = 90) -> "Encoded":
+        from shared.imaging import encode
+
+        enc, data = encode(image, quality)
+        return cls(enc, data, tuple(image.shape), str(image.dtype))
 
 
 class CameraSource:
@@ -147,29 +180,52 @@ def to_rgb(image: np.ndarray, what: Callable[[], str]) -> np.ndarray:
 # --- synthetic --------------------------------------------------------------------------
 @register
 class SyntheticSource(CameraSource):
-    """Frames ``scene.render(0)``, ``render(1)``, …; the count goes on across reopenings."""
+    """Frames ``scene.render(0)``, ``render(1)``, …; the count goes on across reopenings.
+
+    With ``replay=N`` in the query the first N frames are rendered and encoded once, at ``open``, and
+    ``read`` gives their ``Encoded`` bytes in a loop: the cost of a real camera to ingest (bytes in,
+    bytes out), without the renderer's, which is what ``plantsight bench`` needs to measure the pipeline.
+    """
 
     kind = "synthetic"
     live = False
+    MAX_REPLAY = 1000
 
     def __init__(self, source: str, *, fps: float, loop: bool = True):
         super().__init__(source, fps=fps, loop=loop)
         self.scene = None
         self.seq = 0
         self.truth: dict | None = None  # truth of the last frame read
+        self.replay: list[Encoded] = []
+        parts = urlsplit(source.strip())
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        self.replay_n = 0
+        for key, value in query:
+            if key.lower() == "replay":
+                if not value.isdigit() or not 1 <= int(value) <= self.MAX_REPLAY:
+                    raise SourceError(f"synthetic camera source {source!r}: replay={value!r} must be a whole "
+                                      f"number of frames from 1 to {self.MAX_REPLAY}")
+                self.replay_n = int(value)
+        self.scene_source = urlunsplit(parts._replace(query=urlencode(
+            [(k, v) for k, v in query if k.lower() != "replay"])))
 
     def open(self) -> None:
         from shared.data.synthetic import scene_from_source
 
         try:
-            self.scene = scene_from_source(self.source)
+            self.scene = scene_from_source(self.scene_source)
         except ValueError as e:
             raise SourceError(f"synthetic camera source: {e}") from None
+        if self.replay_n and not self.replay:
+            self.replay = [Encoded.of(self.scene.render(i)[0]) for i in range(self.replay_n)]
 
-    def read(self) -> np.ndarray:
+    def read(self) -> np.ndarray | Encoded:
         if self.scene is None:
             raise self._error("read before open")
-        image, self.truth = self.scene.render(self.seq)
+        if self.replay:
+            image = self.replay[self.seq % len(self.replay)]
+        else:
+            image, self.truth = self.scene.render(self.seq)
         self.seq += 1
         self.frames_read += 1
         return image

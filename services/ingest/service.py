@@ -23,10 +23,11 @@ from shared.messages import Frame
 from shared.runtime import Service
 from shared.streams import REDIS_DOWN, Names, Producer, ensure_group, group_info, parse_id
 
-from services.ingest.cameras import Backoff, SourceError, classify_source, open_source
+from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 
 STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
+CHECK_EVERY_S = 0.1  # frozen/black checks per camera at most this often (seconds matter there, not frames)
 
 
 class StillImage:
@@ -66,6 +67,7 @@ class CameraWorker(threading.Thread):
         self.log = svc.log.getChild(cam.id)
         self._fps_t, self._fps_n = time.monotonic(), 0
         self.still = StillImage()
+        self._checked = 0.0
         self.status = {"up": 0, "fps": 0.0, "last_frame": 0.0, "frozen_since": 0.0, "black_since": 0.0,
                        "reconnects": 0, "error": ""}
 
@@ -115,14 +117,18 @@ class CameraWorker(threading.Thread):
         self.status.update(up=0, fps=0.0)
 
     # --- one frame ------------------------------------------------------------------
-    def publish(self, image) -> None:
+    def publish(self, image: np.ndarray | Encoded) -> None:
+        """Send one frame: pixels are encoded here; bytes a camera already encoded go as they are."""
         cam = self.cam
         self.frames_read += 1
         metrics.FRAMES.labels(camera=cam.id, stage=STAGE).inc()
         self._tick_fps()
         self.check_image(image)
         ts = time.time_ns()
-        enc, data = encode(image, cam.jpeg_quality)
+        if isinstance(image, Encoded):
+            enc, data, shape, dtype = image.enc, image.data, image.shape, image.dtype
+        else:
+            (enc, data), shape, dtype = encode(image, cam.jpeg_quality), image.shape, str(image.dtype)
         seq = None  # taken once per frame, so retries while Redis is away leave no gaps
         while not self.svc.stop.is_set():
             try:
@@ -131,8 +137,7 @@ class CameraWorker(threading.Thread):
                     metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason=refused).inc()
                     return
                 seq = self.next_seq() if seq is None else seq
-                frame = Frame(camera=cam.id, seq=seq, ts=ts, enc=enc, shape=image.shape,
-                              dtype=str(image.dtype), data=data)
+                frame = Frame(camera=cam.id, seq=seq, ts=ts, enc=enc, shape=shape, dtype=dtype, data=data)
                 self.waiting.append(self.producer.add(frame.to_msgpack(), cam=cam.id))
                 return
             except REDIS_DOWN as e:
@@ -174,12 +179,21 @@ class CameraWorker(threading.Thread):
         while self.waiting and parse_id(self.waiting[0]) <= last:
             self.waiting.popleft()
 
-    def check_image(self, image) -> None:
-        """Track since when the image is unchanged (frozen) or dark (black), for the health alerts."""
-        frozen, mean8 = self.still.update(image)
-        black = image.dtype == np.uint8 and mean8 < self.cam.black_level
+    def check_image(self, image: np.ndarray | Encoded) -> None:
+        """Track since when the image is unchanged (frozen) or dark (black), for the health alerts
+        (at most every ``CHECK_EVERY_S`` per camera)."""
         now = time.time()
         self.status["last_frame"] = now
+        if now - self._checked < CHECK_EVERY_S:
+            return
+        self._checked = now
+        eight_bit = (image.dtype == "uint8") if isinstance(image, Encoded) else image.dtype == np.uint8
+        if isinstance(image, Encoded):
+            image = image.thumbnail()
+            if image is None:
+                return  # preprocess dead-letters the bytes that do not decode, naming the frame
+        frozen, mean8 = self.still.update(image)
+        black = eight_bit and mean8 < self.cam.black_level
         self.status["frozen_since"] = (self.status["frozen_since"] or now) if frozen else 0.0
         self.status["black_since"] = (self.status["black_since"] or now) if black else 0.0
 
@@ -199,11 +213,15 @@ class IngestService(Service):
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
         self.workers: list[CameraWorker] = []
+        # Replicas share the cameras out: replica k of n reads cameras k, k+n, k+2n, … of the list.
+        n = cfg.services["ingest"].replicas
+        self.cameras = [c for i, c in enumerate(cfg.cameras) if i % n == self.replica % n]
         for i, cam in enumerate(cfg.cameras):
             try:
-                classify_source(cam.source)
+                open_source(cam.source, fps=cam.fps, loop=cam.loop)  # checks the source string, opens nothing
             except SourceError as e:
                 raise ConfigError(f"cameras[{i}].source ({cam.id}): {e}") from None
+        for cam in self.cameras:
             metrics.precreate_camera(cam.id, (STAGE,))
             metrics.CAMERA_UP.labels(camera=cam.id).set(0)
             metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
@@ -214,10 +232,10 @@ class IngestService(Service):
     def setup(self) -> None:
         ensure_group(self.r, self.names.frames, Names.PREPROCESS)  # so frames published before preprocess starts wait
         if not self.workers:
-            self.workers = [CameraWorker(self, cam) for cam in self.cfg.cameras]
+            self.workers = [CameraWorker(self, cam) for cam in self.cameras]
             for w in self.workers:
                 w.start()
-            self.log.info("reading %d camera(s): %s", len(self.workers), ", ".join(c.id for c in self.cfg.cameras))
+            self.log.info("reading %d camera(s): %s", len(self.workers), ", ".join(c.id for c in self.cameras))
 
     def step(self) -> None:
         # Camera status for the health alerts (and anyone looking): one hash, refreshed every half second.

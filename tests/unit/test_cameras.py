@@ -13,9 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from services.ingest.cameras import (SOURCE_TYPES, Backoff, CameraSource, SourceError, classify_source,
+from services.ingest.cameras import (SOURCE_TYPES, Backoff, CameraSource, Encoded, SourceError, classify_source,
                                      open_source)
 from shared.data.synthetic import make_scene
+from shared.imaging import encode
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 VIDEO = DATA / "video" / "Megamind.avi"
@@ -77,6 +78,34 @@ def test_synthetic_thermal_is_uint16():
     with open_source("synthetic://thermal", fps=10) as src:
         frame = src.read()
     assert frame.shape == (120, 160, 1) and frame.dtype == np.uint16
+
+
+def test_synthetic_replay_sends_the_first_n_frames_encoded_in_a_loop():
+    scene = make_scene("process", width=96, height=64, seed=2)
+    with open_source("synthetic://process?w=96&h=64&seed=2&replay=3", fps=10) as src:
+        frames = [src.read() for _ in range(7)]
+    assert all(isinstance(f, Encoded) and f.enc == "jpeg" and f.shape == (64, 96, 3) and f.dtype == "uint8"
+               for f in frames)
+    assert [f.data for f in frames[3:6]] == [f.data for f in frames[:3]] and frames[6].data == frames[0].data
+    assert len({f.data for f in frames}) == 3
+    for seq in range(3):  # each is the scene's frame, encoded as ingest encodes rendered frames
+        assert frames[seq].data == encode(scene.render(seq)[0], 90)[1]
+    thumb = frames[0].thumbnail()  # 1/8 size for the frozen/black checks
+    assert thumb.shape == (8, 12, 3)
+
+
+def test_synthetic_replay_of_a_thermal_scene_is_lossless_png():
+    with open_source("synthetic://thermal?w=48&h=32&replay=2", fps=10) as src:
+        f = src.read()
+    want = make_scene("thermal", width=48, height=32).render(0)[0]
+    assert f.enc == "png" and f.shape == (32, 48, 1) and f.dtype == "uint16"
+    assert np.array_equal(f.thumbnail(), want)
+
+
+@pytest.mark.parametrize("bad", ["0", "x", "1001", ""])
+def test_synthetic_replay_count_is_checked_naming_the_source(bad):
+    with pytest.raises(SourceError, match=rf"synthetic://process\?replay={bad}.*replay={bad!r} must be a whole"):
+        open_source(f"synthetic://process?replay={bad}", fps=10)
 
 
 def test_unknown_scene_names_it():

@@ -115,3 +115,35 @@ def test_predictor_gives_the_same_results_through_the_default_engine(task):
             assert (a["mask"] != b["mask"]).mean() < 0.01
         else:
             assert a["max_k"] == b["max_k"] and np.allclose(a["cnn"], b["cnn"], atol=1e-2)
+
+
+# --- on a GPU (skipped without one; run on the lent H100 by bench/gpu-check.sh) --------------------------
+CUDA_OPTIONS = {
+    "eager": EngineOptions(engine="eager", amp="off", channels_last=False),
+    "fp16": EngineOptions(engine="eager", amp="fp16", channels_last=False),
+    "fp16+channels_last": EngineOptions(engine="eager", amp="fp16", channels_last=True),
+    "bf16+channels_last": EngineOptions(engine="eager", amp="bf16", channels_last=True),
+    "fp16+cuda_graphs": EngineOptions(engine="eager", amp="fp16", channels_last=True, cuda_graphs=True),
+    "torchscript": EngineOptions(engine="torchscript", amp="off", channels_last=False),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("option", list(CUDA_OPTIONS))
+def test_each_cuda_option_matches_eager_on_the_cpu(arch, option):
+    net, x = _net(arch)
+    fresh = example_batch(x.shape[1], tuple(x.shape[2:]), 3, seed=7)
+    with torch.inference_mode():
+        want = net(fresh)
+    gpu = _net(arch)[0].cuda()
+    engine = build_engine(gpu, x.cuda(), CUDA_OPTIONS[option], "cuda", check=False)
+    assert "failed" not in engine.label, engine.label
+    # Against the CPU's fp32: cuDNN may use TF32 for fp32 convolutions, so every option gets the reduced bound.
+    atol, rtol = TOL_REDUCED
+    with torch.inference_mode():
+        for batch in (fresh, fresh[:1], fresh):  # graphs: a second size, then a replay of the first
+            got = engine(batch.cuda().contiguous(memory_format=engine.memory_format)).float().cpu()
+            ref = want[: len(batch)]
+            diff = (ref - got).abs().max().item()
+            assert diff <= atol + rtol * ref.abs().max().item(), f"{arch} {option}: differs by {diff}"
