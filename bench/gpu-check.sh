@@ -32,15 +32,15 @@ step() {  # name, timeout (s), command…
 if [ "${SMALL:-0}" = 1 ]; then
   DEV=cpu; ARCH=simple_cnn; CAMS=2; BATCH=8; SECS=6; WARM=3; ING=1; PRE=1; ENG_ARCH=simple_cnn; ENG_S=1; TESTS=tests/unit/test_engine.py
 else
-  DEV=cuda; ARCH=resnet50; CAMS=32; BATCH=64; SECS=30; WARM=15; ING=4; PRE=4; ENG_ARCH="resnet50 resnet18"; ENG_S=4
+  DEV=cuda; ARCH=resnet50; CAMS=32; BATCH=64; SECS=30; WARM=15; ING=6; PRE=4; ENG_ARCH="resnet50 resnet18"; ENG_S=4
   TESTS="tests/unit/test_engine.py tests/integration/test_infer_jpeg.py tests/integration/test_infer_batcher.py"
 fi
 nvidia-smi -L 2>/dev/null
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-step tests 150 $PY -m pytest -q -p no:cacheprovider -o addopts= $TESTS
-step engines 120 $PY -m bench engines --device $DEV --arch $ENG_ARCH --batch $BATCH --seconds $ENG_S
+step tests 110 $PY -m pytest -q -p no:cacheprovider -o addopts= $TESTS
+step engines 100 $PY -m bench engines --device $DEV --arch $ENG_ARCH --batch $BATCH --seconds $ENG_S
 COMMON=(--task classify --arch $ARCH --device $DEV --batch $BATCH --max-wait-ms 10 --cameras $CAMS --ingest $ING
         --preprocess $PRE --seconds $SECS --warmup $WARM --model-seconds 8 --replay 20)
-step pipeline_gpu_decode 240 $PY -m bench pipeline "${COMMON[@]}" --decode infer --half-load
-step pipeline_cpu_decode 120 $PY -m bench pipeline "${COMMON[@]}" --decode preprocess
-step transport 40 $PY -m bench transport --seconds 6
+step pipeline_gpu_decode 200 $PY -m bench pipeline "${COMMON[@]}" --decode infer --half-load
+step pipeline_cpu_decode 100 $PY -m bench pipeline "${COMMON[@]}" --decode preprocess
+step transport 30 $PY -m bench transport --seconds 6
