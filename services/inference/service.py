@@ -45,17 +45,19 @@ def load_predictor(task: str, *, path: str | None, arch: str | None, device: str
 
     On the CPU the engine is traced on two images and checked on one (that run is its warm-up): a
     detector at 448×448 costs seconds per image on one thread, and a slow start delays every camera.
-    On CUDA it is warmed at ``max_batch`` and 1, the sizes the batcher sends most (cuDNN autotuning,
-    CUDA graph capture happen then, not on the first frames).
+    On CUDA it is warmed at every batch size it runs (``inference.batch_buckets``: the powers of two up to
+    ``max_batch``; without buckets ``max_batch`` and 1, the sizes the batcher sends most), so kernel
+    loading, cuDNN's choices and CUDA graph capture happen then, not on the first frames.
     """
     predictor = Predictor.from_spec(task, path=path, arch=arch, device=device)
     cuda = str(device).startswith("cuda")
     example = predictor.example_input(max(2, inf.max_batch) if cuda else 2)
+    options = EngineOptions.from_config(inf)
     if predictor.runtime == "torch":  # an ONNX model directory already runs through ORT
-        predictor.set_engine(build_engine(predictor.model, example, EngineOptions.from_config(inf), device))
+        predictor.set_engine(build_engine(predictor.model, example, options, device))
     if cuda:
         with torch.inference_mode():
-            for n in sorted({inf.max_batch, 1}):
+            for n in options.resolved(torch.device(device)).bucket_sizes() or sorted({inf.max_batch, 1}):
                 predictor.forward(example[:n].contiguous(memory_format=predictor._memory_format))
         torch.cuda.synchronize()
     return predictor

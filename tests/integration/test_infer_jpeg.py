@@ -118,9 +118,11 @@ def test_preprocess_routes_jpeg_bytes_undecoded_and_still_decodes_for_thermal(re
     assert r.xpending(svc.names.frames, "preprocess")["pending"] == 0
 
 
-def test_infer_results_from_jpeg_routed_frames_equal_the_cpu_paths(redis_server, r, prefix):
-    svc = InferService(config(redis_server, prefix), tasks=["classify"], port=0)
-    assert svc.jpeg.method == ("torch" if torch.cuda.is_available() else "cv2")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_infer_results_from_jpeg_routed_frames_equal_the_cpu_paths(redis_server, r, prefix, device):
+    svc = InferService(config(redis_server, prefix, device=device), tasks=["classify"], port=0)
+    assert svc.jpeg.method == ("torch" if device == "cuda" else "cv2")  # nvJPEG on the GPU, else OpenCV
     svc.setup()
     run = svc.runners[0]
     stream = svc.names.prepared("classify")

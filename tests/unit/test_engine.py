@@ -61,11 +61,29 @@ def test_each_engine_option_matches_eager(arch, option):
 
 def test_auto_is_a_frozen_trace_on_cpu_and_eager_fp16_channels_last_on_cuda():
     auto = EngineOptions.from_config(InferenceConfig())
-    assert auto.resolved(torch.device("cpu")) == EngineOptions("torchscript", "off", False, False, False)
-    assert auto.resolved(torch.device("cuda")) == EngineOptions("eager", "fp16", True, False, False)
+    assert auto.resolved(torch.device("cpu")) == EngineOptions("torchscript", "off", False, False, False, False, 16)
+    assert auto.resolved(torch.device("cuda")) == EngineOptions("eager", "fp16", True, False, False, True, 16)
     # CUDA-only options are dropped on the CPU; compile asks for the eager network under auto.
     opts = EngineOptions(cuda_graphs=True, compile=True)
-    assert opts.resolved(torch.device("cpu")) == EngineOptions("eager", "off", False, True, False)
+    assert opts.resolved(torch.device("cpu")) == EngineOptions("eager", "off", False, True, False, False)
+
+
+def test_batch_buckets_pad_to_a_few_sizes_and_return_the_real_rows():
+    assert EngineOptions(batch_buckets=True, max_batch=64).bucket_sizes() == (1, 2, 4, 8, 16, 32, 64)
+    assert EngineOptions(batch_buckets=True, max_batch=12).bucket_sizes() == (1, 2, 4, 8, 12)
+    assert EngineOptions(batch_buckets=False, max_batch=12).bucket_sizes() == ()
+    net, x = _net("simple_cnn")
+    seen = []
+    engine = build_engine(net, x, EngineOptions(engine="eager", amp="off", batch_buckets=True, max_batch=12), "cpu")
+    assert engine.label == "eager+buckets"
+    inner = engine.forward.fn
+    engine.forward.fn = lambda t: (seen.append(t.shape[0]), inner(t))[1]
+    fresh = example_batch(3, (32, 32), 13, seed=5)
+    with torch.inference_mode():
+        for n in (1, 3, 5, 9, 12, 13):
+            got, want = engine(fresh[:n]), net(fresh[:n])
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert seen == [1, 4, 8, 12, 12, 13]  # 13 is above max_batch: run as it is
 
 
 def test_an_engine_that_cannot_run_falls_back_to_eager_with_the_reason():
