@@ -24,8 +24,47 @@ def encode(image: np.ndarray, quality: int = 90) -> tuple[str, bytes]:
     return enc, buf.tobytes()
 
 
-def decode_frame(frame: Frame) -> np.ndarray:
-    """The frame's pixels; DecodeError when the bytes are not an image or disagree with ``shape``/``dtype``."""
+REDUCED_JPEG = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def jpeg_reduction(frame_hw: tuple[int, int], roi: tuple | None, targets: list[tuple[tuple[int, int], bool]]) -> int:
+    """The largest k in 8, 4, 2 (else 1) by which libjpeg may shrink a frame while it decodes it (a
+    fraction of the full decode's cost) for networks taking ``targets`` ((h, w), letterboxed?) from its
+    ROI: the shrunk region still holds at least as many pixels as each target's resize keeps, so the
+    picture is only ever scaled down; and k divides the frame and the ROI, so the ROI, the letterbox
+    and every box mapped back stay exact."""
+    h, w = frame_hw
+    x, y, rw, rh = roi if roi is not None else (0, 0, w, h)
+    if x + rw > w or y + rh > h or rw <= 0 or rh <= 0 or not targets:
+        return 1
+    need = []
+    for (th, tw), boxed in targets:
+        if boxed:
+            scale = min(th / rh, tw / rw)
+            th, tw = max(1, round(rh * scale)), max(1, round(rw * scale))
+        need.append((th, tw))
+    for k in (8, 4, 2):
+        if not any(v % k for v in (h, w, x, y, rw, rh)) and all(rh // k >= th and rw // k >= tw for th, tw in need):
+            return k
+    return 1
+
+
+def decode_frame(frame: Frame, reduce: int = 1) -> np.ndarray:
+    """The frame's pixels; DecodeError when the bytes are not an image or disagree with ``shape``/``dtype``.
+
+    ``reduce`` (2, 4 or 8, for an 8-bit colour JPEG whose sides it divides; see ``jpeg_reduction``)
+    decodes straight to 1/reduce of the size.
+    """
+    if reduce != 1:
+        if reduce not in REDUCED_JPEG or frame.enc != "jpeg" or tuple(frame.shape[2:]) != (3,) or frame.dtype != "uint8":
+            raise ValueError(f"decode_frame: cannot reduce a {frame.enc} {frame.dtype} {list(frame.shape)} frame "
+                             f"by {reduce}")
+        image = cv2.imdecode(np.frombuffer(frame.data, np.uint8), REDUCED_JPEG[reduce]) if frame.data else None
+        want = (frame.shape[0] // reduce, frame.shape[1] // reduce, 3)
+        if image is None or image.shape != want:
+            raise DecodeError(f"frame {frame.camera}#{frame.seq}: jpeg bytes do not decode to a "
+                              f"{frame.shape[1]}x{frame.shape[0]} image")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if frame.enc == "raw":
         image = frame.array()
     else:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.imaging import crop, letterbox, stretch
+from shared.imaging import REDUCED_JPEG, crop, jpeg_reduction, letterbox, stretch
 from shared.messages import _NUM, DecodeError, Message, Prepared, _check, _shape
 
 ROUTABLE = ("classify", "detect", "segment")  # thermal needs the pixels (radiometric PNG, or gray conversion)
@@ -127,13 +127,14 @@ class DeviceDecoder:
         out = np.full((len(msgs), th, tw, 3), FILL, np.uint8)
         bad = []
         for i, m in enumerate(msgs):
-            img = cv2.imdecode(np.frombuffer(m.data, np.uint8), cv2.IMREAD_COLOR)
-            if img is None or img.shape[:2] != tuple(m.orig):
+            roi = None if m.roi[2] == 0 else tuple(m.roi)
+            k = jpeg_reduction(tuple(m.orig), roi, [((th, tw), m.task in SPATIAL)])  # as preprocess decodes
+            img = cv2.imdecode(np.frombuffer(m.data, np.uint8), REDUCED_JPEG.get(k, cv2.IMREAD_COLOR))
+            if img is None or img.shape[:2] != (m.orig[0] // k, m.orig[1] // k):
                 bad.append(i)
                 continue
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-            x, y, w, h = _region(m)
-            region, _ = crop(img, None if m.roi[2] == 0 else (x, y, w, h))
+            region, _ = crop(img, None if roi is None else tuple(v // k for v in roi))
             if m.task in SPATIAL:
                 out[i], _ = letterbox(region, (th, tw), FILL)
             else:

@@ -27,6 +27,7 @@ from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 
 STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
+DELIVERED_EVERY_S = 0.002  # how fresh the shared view of what preprocess has read must be
 CHECK_EVERY_S = 0.1  # frozen/black checks per camera at most this often (seconds matter there, not frames)
 
 
@@ -174,8 +175,7 @@ class CameraWorker(threading.Thread):
         return None
 
     def forget_delivered(self) -> None:
-        info = group_info(self.svc.r, self.svc.names.frames, Names.PREPROCESS)
-        last = parse_id(info["last-delivered-id"]) if info else (0, 0)
+        last = self.svc.delivered()
         while self.waiting and parse_id(self.waiting[0]) <= last:
             self.waiting.popleft()
 
@@ -213,6 +213,8 @@ class IngestService(Service):
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
         self.workers: list[CameraWorker] = []
+        self._delivered_lock = threading.Lock()
+        self._delivered, self._delivered_at = (0, 0), -1.0
         # Replicas share the cameras out: replica k of n reads cameras k, k+n, k+2n, … of the list.
         n = cfg.services["ingest"].replicas
         self.cameras = [c for i, c in enumerate(cfg.cameras) if i % n == self.replica % n]
@@ -228,6 +230,17 @@ class IngestService(Service):
             metrics.CAMERA_RECONNECTS.labels(camera=cam.id)
             for reason in ("queue_full", "trimmed", "shutdown"):
                 metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason=reason)
+
+    def delivered(self) -> tuple[int, int]:
+        """preprocess's last-delivered id on ``{P}:frames``, asked of Redis at most every ``DELIVERED_EVERY_S``
+        for all of this process's cameras together (blocked cameras poll it)."""
+        with self._delivered_lock:
+            now = time.monotonic()
+            if now - self._delivered_at >= DELIVERED_EVERY_S:
+                info = group_info(self.r, self.names.frames, Names.PREPROCESS)
+                self._delivered = parse_id(info["last-delivered-id"]) if info else (0, 0)
+                self._delivered_at = now
+            return self._delivered
 
     def setup(self) -> None:
         ensure_group(self.r, self.names.frames, Names.PREPROCESS)  # so frames published before preprocess starts wait

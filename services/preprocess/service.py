@@ -15,7 +15,7 @@ import numpy as np
 
 from shared import metrics
 from shared.config import CameraConfig
-from shared.imaging import crop, decode_frame, letterbox, stretch
+from shared.imaging import crop, decode_frame, jpeg_reduction, letterbox, stretch
 from shared.messages import DecodeError, Frame, Prepared
 from shared.models import input_size_for
 from shared.runtime import Service
@@ -23,10 +23,25 @@ from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer, en
 
 STAGE = "preprocess"
 SPATIAL = ("detect", "segment")  # letterboxed so boxes and masks map back exactly
+BACKLOG_CHECK_S = 0.02
 
 
-def prepare(image: np.ndarray, cam: CameraConfig, task: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple, tuple]:
-    """(prepared image, letterbox (scale, pad_x, pad_y), roi used) for one task; DecodeError if the pixels don't fit."""
+def prepare(image: np.ndarray, cam: CameraConfig, task: str, size: tuple[int, int],
+            reduced: int = 1) -> tuple[np.ndarray, tuple, tuple]:
+    """(prepared image, letterbox (scale, pad_x, pad_y), roi used) for one task; DecodeError if the pixels don't fit.
+
+    ``reduced``: the image was decoded at 1/reduced of the frame's size (``imaging.jpeg_reduction``); the
+    letterbox and ROI returned are still in the frame's own pixels, the same numbers as without it.
+    """
+    if reduced != 1:
+        roi = None if cam.roi is None else tuple(v // reduced for v in cam.roi)
+        region, used = crop(image, roi)
+        used = tuple(v * reduced for v in used)
+        if task in SPATIAL:
+            out, (_, px, py) = letterbox(region, size)
+            rh, rw = region.shape[0] * reduced, region.shape[1] * reduced
+            return out, (min(size[0] / rh, size[1] / rw), px, py), used
+        return stretch(region, size)[0], (1.0, 0, 0), used
     region, roi = crop(image, cam.roi)
     if task == "thermal":
         if region.dtype == np.uint8 and region.shape[2] == 3:  # an 8-bit IR picture: the CNN estimates
@@ -48,6 +63,8 @@ class PreprocessService(Service):
 
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
+        # OpenCV's worker threads gave no speed-up on 640×480 frames and cost CPU; more cores = more replicas.
+        cv2.setNumThreads(1)
         self.cameras = {c.id: c for c in cfg.cameras}
         self.tasks = cfg.tasks()
         self.sizes = {t: input_size_for(t, path=cfg.model(t).path, arch=cfg.model(t).arch) for t in self.tasks}
@@ -57,6 +74,7 @@ class PreprocessService(Service):
                                   count=16, block_ms=s.read_block_ms, claim_idle_ms=s.claim_idle_ms,
                                   max_deliveries=s.max_deliveries, max_bytes=s.max_message_bytes)
         self.out = {t: Producer(self.r, self.names.prepared(t), maxlen=s.prepared_maxlen) for t in self.tasks}
+        self._backlog, self._backlog_at = False, -1.0
         metrics.precreate_stage(STAGE, ("decode_error", "max_deliveries", "oversized", "unknown_camera"))
         for cam in cfg.cameras:
             metrics.precreate_camera(cam.id, (STAGE,))
@@ -71,9 +89,14 @@ class PreprocessService(Service):
         return {self.names.frames, *(self.names.prepared(t) for t in self.tasks)}
 
     def backlogged(self) -> bool:
-        limit = self.cfg.streams.prepared_backlog
-        return any(group_lag(self.r, self.names.prepared(t), Names.infer_group(t), limit + 1) >= limit
-                   for t in self.tasks)
+        """Whether an infer group lags ``prepared_backlog`` entries (asked of Redis at most every 20 ms)."""
+        now = time.monotonic()
+        if now - self._backlog_at >= BACKLOG_CHECK_S:
+            limit = self.cfg.streams.prepared_backlog
+            self._backlog = any(group_lag(self.r, self.names.prepared(t), Names.infer_group(t), limit + 1) >= limit
+                                for t in self.tasks)
+            self._backlog_at = now
+        return self._backlog
 
     def step(self) -> None:
         if self.backlogged():
@@ -87,6 +110,13 @@ class PreprocessService(Service):
             self.handle(entry, box)
         self.reader.ack(box, [e.id for e in entries])
         box.commit()
+
+    def reduction(self, frame: Frame, cam: CameraConfig, tasks: list[str]) -> int:
+        """How much smaller than the frame libjpeg may decode it for these tasks (1: full size)."""
+        if (not tasks or frame.enc != "jpeg" or frame.dtype != "uint8" or len(frame.shape) != 3
+                or frame.shape[2] != 3 or "thermal" in tasks):
+            return 1
+        return jpeg_reduction(frame.shape[:2], cam.roi, [(self.sizes[t], t in SPATIAL) for t in tasks])
 
     def jpeg_tasks(self, frame: Frame, cam: CameraConfig) -> list[str]:
         """With ``inference.decode: infer``, the tasks an 8-bit colour JPEG goes to undecoded."""
@@ -127,8 +157,9 @@ class PreprocessService(Service):
         routed = self.jpeg_tasks(frame, cam)
         tasks = [t for t in cam.tasks if t not in routed]
         try:
-            image = decode_frame(frame) if tasks else None
-            prepared = [(task, *prepare(image, cam, task, self.sizes[task])) for task in tasks]
+            k = self.reduction(frame, cam, tasks)
+            image = decode_frame(frame, k) if tasks else None
+            prepared = [(task, *prepare(image, cam, task, self.sizes[task], k)) for task in tasks]
         except DecodeError as e:
             self.dead.add(box, self.names.frames, entry, "decode_error", str(e))
             return

@@ -14,7 +14,7 @@ from services.inference.service import InferService
 from services.preprocess.service import PreprocessService, prepare
 from shared.config import load_config
 from shared.data.synthetic import scene_from_source
-from shared.imaging import decode_frame, encode
+from shared.imaging import decode_frame, encode, jpeg_reduction
 from shared.messages import DecodeError, Frame, Prepared, Result
 from shared.streams import Entry
 
@@ -46,7 +46,8 @@ def jpeg_msgs(f: Frame, task: str, size, roi=None) -> tuple[PreparedJpeg, Prepar
     lb, used = plan(f.shape[:2], cam.roi, task, size)
     j = PreparedJpeg(camera="c1", seq=f.seq, ts=f.ts, task=task, frame_id="1-0", shape=(*size, 3), dtype="uint8",
                      data=f.data, orig=f.shape[:2], letterbox=lb, roi=used, enc="jpeg")
-    img, lb2, used2 = prepare(decode_frame(f), cam, task, size)
+    k = jpeg_reduction(f.shape[:2], cam.roi, [(size, task in ("detect", "segment"))])  # as preprocess decodes
+    img, lb2, used2 = prepare(decode_frame(f, k), cam, task, size, k)
     p = Prepared(camera="c1", seq=f.seq, ts=f.ts, task=task, frame_id="1-0", shape=img.shape, dtype="uint8",
                  data=img.tobytes(), orig=f.shape[:2], letterbox=lb2, roi=used2)
     assert (tuple(lb), tuple(used)) == (tuple(lb2), tuple(used2))  # planned without decoding, the same numbers

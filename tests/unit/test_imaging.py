@@ -166,3 +166,58 @@ def test_crop_with_roi_clipping():
     whole, used = crop(image, None)
     assert used == (0, 0, 0, 0)
     assert whole is image
+
+
+# --- decoding a JPEG straight to a smaller size (preprocess, when every task only scales down) -------
+def test_jpeg_reduction_picks_the_largest_factor_that_only_scales_down_and_divides_everything():
+    from shared.imaging import jpeg_reduction
+
+    vga = (480, 640)
+    assert jpeg_reduction(vga, None, [((224, 224), False)]) == 2  # 320×240 still covers 224×224
+    assert jpeg_reduction(vga, None, [((112, 112), False)]) == 4
+    assert jpeg_reduction(vga, None, [((448, 448), True)]) == 1  # the letterbox keeps 448×336
+    assert jpeg_reduction(vga, None, [((224, 224), True)]) == 2  # keeps 224×168
+    assert jpeg_reduction(vga, None, [((224, 224), False), ((448, 448), True)]) == 1  # every task must fit
+    assert jpeg_reduction(vga, (0, 0, 640, 480), [((224, 224), False)]) == 2
+    assert jpeg_reduction(vga, (100, 60, 400, 300), [((224, 224), False)]) == 1  # 200×150 < 224
+    assert jpeg_reduction(vga, (101, 60, 560, 400), [((224, 224), False)]) == 1  # odd x: not exact
+    assert jpeg_reduction(vga, (400, 300, 400, 300), [((64, 64), False)]) == 1  # beyond the frame: clipped
+    assert jpeg_reduction((481, 640), None, [((224, 224), False)]) == 1
+    assert jpeg_reduction(vga, None, []) == 1
+
+
+@pytest.mark.parametrize("task,size,roi", [("classify", (224, 224), None), ("detect", (224, 224), None),
+                                           ("classify", (112, 112), (64, 32, 320, 256)),
+                                           ("segment", (128, 128), (64, 32, 320, 256))])
+def test_a_reduced_decode_gives_the_same_letterbox_and_roi_and_close_pixels(task, size, roi):
+    from services.preprocess.service import SPATIAL, prepare
+    from shared.config import CameraConfig
+    from shared.data.synthetic import scene_from_source
+    from shared.imaging import jpeg_reduction
+    from shared.messages import Frame
+
+    img, _ = scene_from_source("synthetic://surface?w=640&h=480&seed=3").render(0)
+    enc, data = encode(img, 95)
+    frame = Frame(camera="c", seq=0, ts=0, enc=enc, shape=img.shape, dtype="uint8", data=data)
+    cam = CameraConfig(id="c", source="synthetic://surface", tasks=[task], roi=roi)
+    k = jpeg_reduction(frame.shape[:2], cam.roi, [(size, task in SPATIAL)])
+    assert k >= 2
+    small = decode_frame(frame, k)
+    assert small.shape == (480 // k, 640 // k, 3)
+    full_img, full_lb, full_roi = prepare(decode_frame(frame), cam, task, size)
+    red_img, red_lb, red_roi = prepare(small, cam, task, size, k)
+    assert red_lb == full_lb and red_roi == full_roi  # boxes and masks map back exactly as before
+    assert red_img.shape == full_img.shape
+    assert np.abs(red_img.astype(int) - full_img).mean() < 3  # a different route to nearly the same pixels
+
+
+def test_a_reduced_decode_refuses_what_it_cannot_shrink():
+    from shared.messages import Frame
+
+    img = np.zeros((48, 64, 3), np.uint8)
+    png = Frame(camera="c", seq=0, ts=0, enc="png", shape=img.shape, dtype="uint8", data=encode(img[:, :, :1])[1])
+    with pytest.raises(ValueError, match="cannot reduce a png"):
+        decode_frame(png, 2)
+    bad = Frame(camera="c", seq=1, ts=0, enc="jpeg", shape=img.shape, dtype="uint8", data=b"\xff\xd8junk")
+    with pytest.raises(DecodeError, match="c#1: jpeg bytes do not decode to a 64x48 image"):
+        decode_frame(bad, 2)
