@@ -9,7 +9,8 @@ frame and one ``XREADGROUP`` of ``--batch`` entries followed by their acknowledg
   ``Prepared.from_msgpack`` and ``.array()`` (zero-copy), ``XACK`` in an ``Outbox`` (MULTI);
 - bare: ``XADD {"m": payload}`` of the same bytes, ``XREADGROUP``, ``XACK``.
 
-Prints one JSON object with frames per second of each and ``overhead`` = bare fps / plantsight fps.
+Prints one JSON object with frames per second of each and ``overhead`` = bare fps / plantsight fps;
+both loops warm up for a second, then run twice, in alternating order.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 
 import numpy as np
 
-from bench.common import PrivateRedis, machine, say, versions
+from bench.common import PrivateRedis, machine, say, service_heap, versions
 
 
 def plantsight_loop(r, frame: np.ndarray, batch: int, seconds: float) -> float:
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="per loop (each loop runs twice, interleaved)")
     args = ap.parse_args(argv)
 
+    service_heap()
     frame = np.random.default_rng(0).integers(0, 256, args.shape, dtype=np.uint8)
     server = PrivateRedis()
     try:
@@ -85,14 +87,19 @@ def main(argv: list[str] | None = None) -> int:
         out = {"mode": "transport", "shape": args.shape, "frame_bytes": int(frame.nbytes), "batch": args.batch,
                **machine("cpu")}
         ps, bare = [], []
-        # Interleaved halves so a change in the machine's load hits both loops alike.
-        for half in range(2):
-            say(f"plantsight codec + Redis hop, {args.seconds / 2:g} s ({half + 1}/2)")
-            ps.append(plantsight_loop(r, frame, args.batch, args.seconds / 2))
+        loops = {"plantsight codec + Redis hop": (plantsight_loop, ps), "bare redis-py loop": (bare_loop, bare)}
+        say("warm-up: each loop for 1 s")  # Redis's allocator and the sockets warm on the first frames
+        for fn, _ in loops.values():
+            fn(r, frame, args.batch, 1.0)
             r.flushall()
-            say(f"bare redis-py loop, {args.seconds / 2:g} s ({half + 1}/2)")
-            bare.append(bare_loop(r, frame, args.batch, args.seconds / 2))
-            r.flushall()
+        # Interleaved halves in alternating order, so neither a change in the machine's load nor going
+        # first after a FLUSHALL favours one loop.
+        for half, order in enumerate((list(loops), list(reversed(loops)))):
+            for name in order:
+                fn, figures = loops[name]
+                say(f"{name}, {args.seconds / 2:g} s ({half + 1}/2)")
+                figures.append(fn(r, frame, args.batch, args.seconds / 2))
+                r.flushall()
         p_fps, b_fps = sum(ps) / 2, sum(bare) / 2
         out.update({"plantsight_fps": round(p_fps, 1), "bare_fps": round(b_fps, 1),
                     "plantsight_us_per_frame": round(1e6 / p_fps, 1), "bare_us_per_frame": round(1e6 / b_fps, 1),
