@@ -132,3 +132,25 @@ def test_alert_service_writes_alerts_and_acks_results_together(redis_server, r, 
     assert r.xpending(svc.names.results, "alert")["pending"] == 0
     (letter,) = r.xrange(svc.names.deadletter)
     assert letter[1][b"reason"] == b"decode_error"
+
+
+def test_ingest_replicas_share_the_cameras_out_and_forward_replayed_jpeg_untouched(redis_server, r, prefix):
+    from services.ingest.service import IngestService
+    from shared.messages import Frame
+
+    cams = [{"id": f"c{i}", "source": "synthetic://process?w=64&h=48&replay=2", "tasks": ["classify"],
+             "fps": 50, "max_frames": 3} for i in range(5)]
+    cfg = config(redis_server, prefix, cameras=cams, services={"ingest": {"port": 9101, "replicas": 2}})
+    replicas = [IngestService(cfg, replica=k, port=0) for k in range(2)]
+    assert [[c.id for c in svc.cameras] for svc in replicas] == [["c0", "c2", "c4"], ["c1", "c3"]]
+    for svc in replicas:
+        svc.setup()
+    for svc in replicas:
+        for w in svc.workers:
+            w.join(timeout=10)
+        svc.stop.set()
+    frames = [Frame.from_msgpack(f[b"m"]) for _, f in r.xrange(f"{prefix}:frames")]
+    assert sorted((f.camera, f.seq) for f in frames) == [(f"c{i}", s) for i in range(5) for s in range(3)]
+    by_seq = {(f.camera, f.seq): f for f in frames}
+    assert all(f.enc == "jpeg" and f.shape == (48, 64, 3) for f in frames)
+    assert by_seq[("c0", 2)].data == by_seq[("c0", 0)].data != by_seq[("c0", 1)].data  # the 2 frames, looped
