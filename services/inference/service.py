@@ -21,7 +21,7 @@ import torch
 from shared import metrics
 from shared.messages import DecodeError, Prepared, Result
 from shared.models import Predictor
-from shared.runtime import Service
+from shared.runtime import Service, keep_tensor_heap
 from shared.streams import DeadLetters, Entry, GroupReader, Names, Outbox, Producer, ensure_group
 
 from services.inference.batcher import Batch, Batcher, BufferPool, collect
@@ -75,6 +75,7 @@ class InferService(Service):
 
     def __init__(self, cfg, *, tasks: list[str] | None = None, **kw):
         super().__init__(cfg, **kw)
+        keep_tensor_heap()
         inf, s = cfg.inference, cfg.streams
         if inf.threads:
             torch.set_num_threads(inf.threads)

@@ -27,7 +27,8 @@ from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 
 STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
-DELIVERED_EVERY_S = 0.002  # how fresh the shared view of what preprocess has read must be
+DELIVERED_EVERY_S = 0.002  # how fresh the shared view of what preprocess has read must be when a camera asks
+BLOCKED_POLL_S = 0.02  # while cameras are blocked, one of them asks Redis this often; the others sleep until it moves
 CHECK_EVERY_S = 0.1  # frozen/black checks per camera at most this often (seconds matter there, not frames)
 
 
@@ -161,7 +162,8 @@ class CameraWorker(threading.Thread):
             if len(self.waiting) < cam.queue:
                 break
             if cam.on_full is OnFull.block:
-                if self.svc.stop.wait(0.005):
+                self.svc.wait_delivered(parse_id(self.waiting[0]))
+                if self.svc.stop.is_set():
                     return "shutdown"
             elif cam.on_full is OnFull.drop_newest:
                 return "queue_full"
@@ -213,8 +215,9 @@ class IngestService(Service):
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
         self.workers: list[CameraWorker] = []
-        self._delivered_lock = threading.Lock()
+        self._delivered_lock = threading.Condition()
         self._delivered, self._delivered_at = (0, 0), -1.0
+        self._polling = False  # a blocked camera is asking Redis for all of them
         # Replicas share the cameras out: replica k of n reads cameras k, k+n, k+2n, … of the list.
         n = cfg.services["ingest"].replicas
         self.cameras = [c for i, c in enumerate(cfg.cameras) if i % n == self.replica % n]
@@ -233,14 +236,45 @@ class IngestService(Service):
 
     def delivered(self) -> tuple[int, int]:
         """preprocess's last-delivered id on ``{P}:frames``, asked of Redis at most every ``DELIVERED_EVERY_S``
-        for all of this process's cameras together (blocked cameras poll it)."""
+        for all of this process's cameras together."""
         with self._delivered_lock:
-            now = time.monotonic()
-            if now - self._delivered_at >= DELIVERED_EVERY_S:
-                info = group_info(self.r, self.names.frames, Names.PREPROCESS)
-                self._delivered = parse_id(info["last-delivered-id"]) if info else (0, 0)
-                self._delivered_at = now
+            if time.monotonic() - self._delivered_at >= DELIVERED_EVERY_S:
+                self._refresh()
             return self._delivered
+
+    def _refresh(self) -> None:  # holding the lock
+        info = group_info(self.r, self.names.frames, Names.PREPROCESS)
+        new = parse_id(info["last-delivered-id"]) if info else (0, 0)
+        self._delivered_at = time.monotonic()
+        if new != self._delivered:
+            self._delivered = new
+            self._delivered_lock.notify_all()
+
+    def wait_delivered(self, oldest: tuple[int, int]) -> None:
+        """A blocked camera waits until preprocess has read its ``oldest`` waiting frame (or briefly, on stop).
+
+        One blocked camera at a time asks Redis, every ``BLOCKED_POLL_S``; the others sleep on the
+        condition and wake when the answer moves. Polling every few milliseconds per camera cost
+        more CPU than the frames themselves on a two-core box.
+        """
+        with self._delivered_lock:
+            if self._delivered >= oldest or self.stop.is_set():
+                return
+            if self._polling:
+                self._delivered_lock.wait(BLOCKED_POLL_S * 5)  # the poller wakes us; the timeout covers its loss
+                return
+            self._polling = True
+        handed_over = False
+        try:
+            self.stop.wait(BLOCKED_POLL_S)
+            with self._delivered_lock:
+                self._refresh()  # wakes the sleeping cameras when it moved
+            handed_over = True
+        finally:
+            with self._delivered_lock:
+                self._polling = False
+                if not handed_over:  # Redis failed us: let another camera poll
+                    self._delivered_lock.notify()
 
     def setup(self) -> None:
         ensure_group(self.r, self.names.frames, Names.PREPROCESS)  # so frames published before preprocess starts wait

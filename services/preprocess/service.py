@@ -100,7 +100,7 @@ class PreprocessService(Service):
 
     def step(self) -> None:
         if self.backlogged():
-            self.stop.wait(0.01)
+            self.stop.wait(BACKLOG_CHECK_S)
             return
         entries = self.reader.read()
         if not entries:

@@ -154,3 +154,49 @@ def test_ingest_replicas_share_the_cameras_out_and_forward_replayed_jpeg_untouch
     by_seq = {(f.camera, f.seq): f for f in frames}
     assert all(f.enc == "jpeg" and f.shape == (48, 64, 3) for f in frames)
     assert by_seq[("c0", 2)].data == by_seq[("c0", 0)].data != by_seq[("c0", 1)].data  # the 2 frames, looped
+
+
+def test_blocked_cameras_wait_for_preprocess_without_polling_redis_per_camera(redis_server, r, prefix):
+    """``on_full: block``: a camera never has more than ``queue`` frames unread, loses none, and while
+    all cameras wait only one of them asks Redis (every BLOCKED_POLL_S), not each one every few ms."""
+    from services.ingest.service import BLOCKED_POLL_S, IngestService
+    from shared.messages import Frame
+    from shared.streams import Names
+
+    n, queue = 12, 3
+    cams = [{"id": f"c{i}", "source": "synthetic://process?w=64&h=48&replay=2", "tasks": ["classify"],
+             "fps": 200, "max_frames": n, "on_full": "block", "queue": queue} for i in range(4)]
+    svc = IngestService(config(redis_server, prefix, cameras=cams), port=0)
+    stream = f"{prefix}:frames"
+    svc.setup()
+    try:
+        deadline = time.monotonic() + 10
+        while r.xlen(stream) < 4 * queue and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # every camera is blocked now: nothing has been read
+        assert r.xlen(stream) == 4 * queue
+        r.config_resetstat()
+        idle = 1.0
+        time.sleep(idle)
+        calls = {k.split("|")[0]: v["calls"] for k, v in r.info("commandstats").items()}  # 7.x: xinfo|groups
+        assert calls.get("cmdstat_xadd", 0) == 0
+        # one poller: about idle / BLOCKED_POLL_S questions (each camera polling every 5 ms would be 800)
+        assert 0.5 * idle / BLOCKED_POLL_S <= calls.get("cmdstat_xinfo", 0) <= 1.5 * idle / BLOCKED_POLL_S
+        seen: list[tuple[str, int]] = []
+        while len(seen) < 4 * n and time.monotonic() < deadline + 20:
+            reply = r.xreadgroup(Names.PREPROCESS, "test", {stream: ">"}, count=2, block=200)
+            for _, entries in reply or []:
+                for _id, f in entries:
+                    frame = Frame.from_msgpack(f[b"m"])
+                    seen.append((frame.camera, frame.seq))
+            unread = r.xinfo_groups(stream)[0]
+            per_cam = {}
+            for _id, f in r.xrange(stream, min="(" + unread["last-delivered-id"].decode()):
+                per_cam[f[b"cam"]] = per_cam.get(f[b"cam"], 0) + 1
+            assert max(per_cam.values(), default=0) <= queue
+        for w in svc.workers:
+            w.join(timeout=10)
+    finally:
+        svc.stop.set()
+        svc.close()
+    assert sorted(seen) == [(f"c{i}", s) for i in range(4) for s in range(n)]
