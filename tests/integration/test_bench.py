@@ -43,7 +43,8 @@ def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path):
     keys = ["pipeline_fps", "model_fps", "ratio", "p50_ms", "p95_ms", "p99_ms"]
     assert list(out)[:6] == keys and all(out[k] is not None for k in keys)
     assert out["results_in_window"] > 0 and out["dropped"] == {}
-    assert set(out["stages"]) == {"ingest", "preprocess", "infer", "alert"}
+    assert set(out["stages"]) == {"ingest", "preprocess", "infer", "alert", "redis"}
+    assert out["stages"]["redis"]["cpu_ms_per_frame"] > 0  # the server's CPU is counted
     assert out["batch"] == 8 and out["device"] == "cpu" and out["engine"] == "torchscript"
     assert out["decode"] == "infer" and out["frame"] == [240, 320]
     assert {"torch", "torchvision", "redis_py"} <= set(out["versions"]) and out["redis_server"]

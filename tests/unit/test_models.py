@@ -357,3 +357,16 @@ def test_chapter_output_shapes():
         unet = build("unet").to("meta").eval()  # full width: shapes only, on the meta device
         assert tuple(unet(torch.empty(4, 3, 256, 256, device="meta")).shape) == (4, 1, 256, 256)
         assert tuple(build("thermal_cnn").eval()(torch.randn(5, 1, 224, 224)).shape) == (5, 3)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_normalise_is_x_over_255_minus_mean_over_std_in_the_engine_layout(memory_format):
+    p = Predictor.from_spec("classify", arch="simple_cnn")
+    p._memory_format = memory_format
+    batch = torch.randint(0, 256, (3, 224, 224, 3), dtype=torch.uint8)
+    x = p._normalise(batch)
+    mean = torch.tensor(p.meta.normalisation["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(p.meta.normalisation["std"]).view(1, 3, 1, 1)
+    want = (batch.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    assert x.shape == (3, 3, 224, 224) and x.dtype == torch.float32 and x.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-5)
