@@ -29,7 +29,7 @@ STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
 DELIVERED_EVERY_S = 0.002  # how fresh the shared view of what preprocess has read must be when a camera asks
 BLOCKED_POLL_S = 0.02  # while cameras are blocked, one of them asks Redis this often; the others sleep until it moves
-CHECK_EVERY_S = 0.1  # frozen/black checks per camera at most this often (seconds matter there, not frames)
+CHECK_EVERY_S = 0.5  # frozen/black checks per camera at most this often (seconds matter there, not frames)
 
 
 class StillImage:
