@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
+    import os
 
+    from services.supervisor import SERVICE_ENV
+
+    # The bare models run in the environment the services run in (OpenMP reads it when torch loads).
+    for key, value in SERVICE_ENV.items():
+        os.environ.setdefault(key, value)
     module = importlib.import_module(MODES[argv[0]])
     return int(module.main(argv[1:]) or 0)
 

