@@ -10,13 +10,16 @@ frame and one ``XREADGROUP`` of ``--batch`` entries followed by their acknowledg
 - bare: ``XADD {"m": payload}`` of the same bytes, ``XREADGROUP``, ``XACK``.
 
 Prints one JSON object with frames per second of each and ``overhead`` = bare fps / plantsight fps;
-both loops warm up for a second, then run twice, in alternating order.
+both loops warm up for a second, then run ``--rounds`` times each, interleaved and in alternating
+order; each loop's figure is the median of its rounds (a shared machine's speed drifts by tens of
+per cent over seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import numpy as np
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=[224, 224, 3], metavar=("H", "W", "C"))
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=10.0, help="per loop (each loop runs twice, interleaved)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per loop, split over its rounds")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds of each loop")
     args = ap.parse_args(argv)
 
     service_heap()
@@ -92,19 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         for fn, _ in loops.values():
             fn(r, frame, args.batch, 1.0)
             r.flushall()
-        # Interleaved halves in alternating order, so neither a change in the machine's load nor going
+        # Interleaved rounds in alternating order, so neither a change in the machine's load nor going
         # first after a FLUSHALL favours one loop.
-        for half, order in enumerate((list(loops), list(reversed(loops)))):
-            for name in order:
+        for k in range(args.rounds):
+            for name in (list(loops) if k % 2 == 0 else list(reversed(loops))):
                 fn, figures = loops[name]
-                say(f"{name}, {args.seconds / 2:g} s ({half + 1}/2)")
-                figures.append(fn(r, frame, args.batch, args.seconds / 2))
+                say(f"{name}, {args.seconds / args.rounds:g} s ({k + 1}/{args.rounds})")
+                figures.append(fn(r, frame, args.batch, args.seconds / args.rounds))
                 r.flushall()
-        p_fps, b_fps = sum(ps) / 2, sum(bare) / 2
+        p_fps, b_fps = statistics.median(ps), statistics.median(bare)
         out.update({"plantsight_fps": round(p_fps, 1), "bare_fps": round(b_fps, 1),
                     "plantsight_us_per_frame": round(1e6 / p_fps, 1), "bare_us_per_frame": round(1e6 / b_fps, 1),
-                    "overhead": round(b_fps / p_fps, 3), "load_average_end": machine("cpu")["load_average"],
-                    "versions": versions(r)})
+                    "overhead": round(b_fps / p_fps, 3),
+                    "rounds": {"plantsight_fps": [round(v) for v in ps], "bare_fps": [round(v) for v in bare]},
+                    "load_average_end": machine("cpu")["load_average"], "versions": versions(r)})
     finally:
         server.close()
     print(json.dumps(out))

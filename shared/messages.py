@@ -9,6 +9,8 @@ Decoding is the only place where wire bytes become objects; anything malformed r
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -20,6 +22,7 @@ VERSION = 1
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 MAX_SIDE = 16384
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
+_ITEMSIZE = {name: np.dtype(t).itemsize for name, t in DTYPES.items()}
 ENCODINGS = ("jpeg", "png", "raw")
 
 
@@ -28,26 +31,59 @@ class DecodeError(ValueError):
 
 
 def _check(cond: bool, what: str) -> None:
+    """For constant texts; where the text is an f-string the hot paths test and raise themselves, so the
+    text is built only for a bad message."""
     if not cond:
         raise DecodeError(what)
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
-    _check(isinstance(value, (list, tuple)) and len(value) in (2, 3), f"{name} must be [h, w] or [h, w, c]")
-    _check(all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_SIDE for d in value),
-           f"{name} has a dimension that is not an integer in 1..{MAX_SIDE}: {value!r}")
+    if not (type(value) in (list, tuple) and len(value) in (2, 3)):
+        raise DecodeError(f"{name} must be [h, w] or [h, w, c]")
+    for d in value:  # a loop, not all(genexpr): this runs twice for every frame on every hop
+        if type(d) is not int or not 0 < d <= MAX_SIDE:  # type(): bool is not a dimension
+            raise DecodeError(f"{name} has a dimension that is not an integer in 1..{MAX_SIDE}: {value!r}")
     if len(value) == 3:
-        _check(value[2] in (1, 3, 4), f"{name} has {value[2]} channels (1, 3 or 4 allowed)")
+        if value[2] not in (1, 3, 4):
+            raise DecodeError(f"{name} has {value[2]} channels (1, 3 or 4 allowed)")
     return tuple(value)
+
+
+def check_size(data: bytes, shape: tuple[int, ...], dtype: str, name: str = "data") -> None:
+    """DecodeError unless ``data`` holds exactly an array of ``shape`` and ``dtype``."""
+    if dtype not in DTYPES:
+        raise DecodeError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    want = math.prod(shape) * _ITEMSIZE[dtype]
+    if len(data) != want:
+        raise DecodeError(f"{name} has {len(data)} bytes, shape {list(shape)} {dtype} needs {want}")
 
 
 def array_from(data: bytes, shape: tuple[int, ...], dtype: str, name: str = "data") -> np.ndarray:
     """A read-only array over ``data`` without a copy; DecodeError when the size does not match."""
-    _check(dtype in DTYPES, f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    dt = np.dtype(DTYPES[dtype])
-    want = int(np.prod(shape)) * dt.itemsize
-    _check(len(data) == want, f"{name} has {len(data)} bytes, shape {list(shape)} {dtype} needs {want}")
-    return np.frombuffer(data, dtype=dt).reshape(shape)
+    check_size(data, shape, dtype, name)
+    return np.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
+
+
+_LOCAL = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's msgpack packer, reused: ``msgpack.packb`` builds a packer and its buffer for every
+    message, 130 µs for a 150 KB frame against 9 µs here."""
+    packer = getattr(_LOCAL, "packer", None)
+    if packer is None:
+        packer = _LOCAL.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 # field name -> (python types accepted, required)
@@ -63,20 +99,22 @@ class Message:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"v": VERSION}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
             if isinstance(value, np.ndarray):
                 value = value.tobytes()  # raw arrays go as bytes with shape/dtype beside
-            out[f.name] = value
+            out[name] = value
         return out
 
     def to_msgpack(self) -> bytes:
-        return msgpack.packb(self.to_dict(), use_bin_type=True)
+        return _packer().pack(self.to_dict())
 
     @classmethod
     def from_msgpack(cls, raw: bytes, max_bytes: int = MAX_MESSAGE_BYTES):
-        _check(isinstance(raw, (bytes, bytearray, memoryview)), f"{cls.kind}: payload is not bytes")
-        _check(len(raw) <= max_bytes, f"{cls.kind}: message of {len(raw)} bytes exceeds the limit of {max_bytes}")
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise DecodeError(f"{cls.kind}: payload is not bytes")
+        if len(raw) > max_bytes:
+            raise DecodeError(f"{cls.kind}: message of {len(raw)} bytes exceeds the limit of {max_bytes}")
         try:
             obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=max_bytes,
                                   max_str_len=1 << 20, max_array_len=1 << 20, max_map_len=1 << 16)
@@ -86,18 +124,21 @@ class Message:
 
     @classmethod
     def from_dict(cls, obj: Any):
-        _check(isinstance(obj, dict), f"{cls.kind}: top level is {type(obj).__name__}, not a map")
-        _check(type(obj.get("v")) is int and obj["v"] == VERSION,  # not True or 1.0
-               f"{cls.kind}: schema version {obj.get('v')!r} is not {VERSION}")
+        if not isinstance(obj, dict):
+            raise DecodeError(f"{cls.kind}: top level is {type(obj).__name__}, not a map")
+        if not (type(obj.get("v")) is int and obj["v"] == VERSION):  # not True or 1.0
+            raise DecodeError(f"{cls.kind}: schema version {obj.get('v')!r} is not {VERSION}")
         kwargs = {}
         for name, (types, required) in cls.spec.items():
             if name not in obj:
-                _check(not required, f"{cls.kind}: missing field {name!r}")
+                if required:
+                    raise DecodeError(f"{cls.kind}: missing field {name!r}")
                 continue
             value = obj[name]
             ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-            _check(ok, f"{cls.kind}: field {name!r} is {type(value).__name__}, "
-                       f"expected {'/'.join(t.__name__ for t in types)}")
+            if not ok:
+                raise DecodeError(f"{cls.kind}: field {name!r} is {type(value).__name__}, "
+                                  f"expected {'/'.join(t.__name__ for t in types)}")
             kwargs[name] = value
         try:
             msg = cls(**kwargs)
@@ -130,17 +171,20 @@ class Frame(Message):
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        _check(self.enc in ENCODINGS, f"frame: enc {self.enc!r} is not one of {ENCODINGS}")
-        _check(self.dtype in DTYPES, f"frame: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.enc not in ENCODINGS:
+            raise DecodeError(f"frame: enc {self.enc!r} is not one of {ENCODINGS}")
+        if self.dtype not in DTYPES:
+            raise DecodeError(f"frame: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         object.__setattr__(self, "shape", _shape(self.shape, "frame shape"))
         _check(bool(self.camera), "frame: empty camera id")
         _check(self.seq >= 0, "frame: negative seq")
         if self.enc == "raw":
-            array_from(self.data, self.shape, self.dtype, "frame data")
+            check_size(self.data, self.shape, self.dtype, "frame data")
 
     def array(self) -> np.ndarray:
         """The raw pixels (``enc == "raw"`` only), zero-copy."""
-        _check(self.enc == "raw", f"frame: enc is {self.enc}, decode the image first")
+        if self.enc != "raw":
+            raise DecodeError(f"frame: enc is {self.enc}, decode the image first")
         return array_from(self.data, self.shape, self.dtype, "frame data")
 
 
@@ -172,14 +216,15 @@ class Prepared(Message):
         object.__setattr__(self, "shape", _shape(self.shape, "prepared shape"))
         object.__setattr__(self, "orig", _shape(self.orig, "prepared orig")[:2])
         _check(len(self.shape) == 3, "prepared shape must be [h, w, c]")
-        _check(len(self.letterbox) == 3 and all(isinstance(v, _NUM) for v in self.letterbox),
+        lb, roi = self.letterbox, self.roi
+        _check(len(lb) == 3 and isinstance(lb[0], _NUM) and isinstance(lb[1], _NUM) and isinstance(lb[2], _NUM),
                "prepared letterbox must be [scale, pad_x, pad_y]")
-        _check(self.letterbox[0] > 0, "prepared letterbox scale must be > 0")
-        _check(len(self.roi) == 4 and all(isinstance(v, int) and v >= 0 for v in self.roi),
+        _check(lb[0] > 0, "prepared letterbox scale must be > 0")
+        _check(len(roi) == 4 and all(isinstance(v, int) and v >= 0 for v in roi),
                "prepared roi must be [x, y, w, h] of non-negative integers")
-        object.__setattr__(self, "letterbox", tuple(self.letterbox))
-        object.__setattr__(self, "roi", tuple(self.roi))
-        array_from(self.data, self.shape, self.dtype, "prepared data")
+        object.__setattr__(self, "letterbox", tuple(lb))
+        object.__setattr__(self, "roi", tuple(roi))
+        check_size(self.data, self.shape, self.dtype, "prepared data")
 
     def array(self) -> np.ndarray:
         return array_from(self.data, self.shape, self.dtype, "prepared data")
@@ -230,7 +275,8 @@ class Alert(Message):
     labels: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        _check(self.state in ("firing", "resolved"), f"alert: state {self.state!r} is not firing/resolved")
+        if self.state not in ("firing", "resolved"):
+            raise DecodeError(f"alert: state {self.state!r} is not firing/resolved")
 
     @staticmethod
     def identity(rule: str, camera: str, frame_id: str) -> str:

@@ -37,11 +37,13 @@ class PreparedJpeg(Prepared):
     enc: str = "jpeg"
 
     def __post_init__(self):
-        _check(self.enc == "jpeg", f"prepared: enc {self.enc!r} is not 'jpeg'")
+        if self.enc != "jpeg":
+            raise DecodeError(f"prepared: enc {self.enc!r} is not 'jpeg'")
         object.__setattr__(self, "shape", _shape(self.shape, "prepared shape"))
         object.__setattr__(self, "orig", _shape(self.orig, "prepared orig")[:2])
         _check(len(self.shape) == 3 and self.shape[2] == 3, "jpeg prepared shape must be [h, w, 3]")
-        _check(self.dtype == "uint8", f"jpeg prepared dtype {self.dtype!r} is not uint8")
+        if self.dtype != "uint8":
+            raise DecodeError(f"jpeg prepared dtype {self.dtype!r} is not uint8")
         _check(len(self.letterbox) == 3 and all(isinstance(v, _NUM) for v in self.letterbox) and self.letterbox[0] > 0,
                "prepared letterbox must be [scale > 0, pad_x, pad_y]")
         _check(len(self.roi) == 4 and all(isinstance(v, int) and v >= 0 for v in self.roi),
@@ -64,7 +66,8 @@ class _AnyPrepared:
         enc = obj.get("enc", "raw") if isinstance(obj, dict) else "raw"
         if enc == "jpeg":
             return PreparedJpeg.from_dict(obj)
-        _check(enc == "raw", f"prepared: enc {enc!r} is not one of raw, jpeg")
+        if enc != "raw":
+            raise DecodeError(f"prepared: enc {enc!r} is not one of raw, jpeg")
         return Prepared.from_dict(obj)
 
 
