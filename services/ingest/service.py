@@ -162,9 +162,11 @@ class CameraWorker(threading.Thread):
             if len(self.waiting) < cam.queue:
                 break
             if cam.on_full is OnFull.block:
-                self.svc.wait_delivered(parse_id(self.waiting[0]))
-                if self.svc.stop.is_set():
-                    return "shutdown"
+                while len(self.waiting) >= cam.queue:  # the poller asks Redis: no question of our own here
+                    self.svc.wait_delivered(parse_id(self.waiting[0]))
+                    if self.svc.stop.is_set():
+                        return "shutdown"
+                    self.forget_delivered(self.svc.known_delivered())
             elif cam.on_full is OnFull.drop_newest:
                 return "queue_full"
             else:
@@ -176,8 +178,8 @@ class CameraWorker(threading.Thread):
                     metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="trimmed").inc()
         return None
 
-    def forget_delivered(self) -> None:
-        last = self.svc.delivered()
+    def forget_delivered(self, last: tuple[int, int] | None = None) -> None:
+        last = self.svc.delivered() if last is None else last
         while self.waiting and parse_id(self.waiting[0]) <= last:
             self.waiting.popleft()
 
@@ -241,6 +243,10 @@ class IngestService(Service):
             if time.monotonic() - self._delivered_at >= DELIVERED_EVERY_S:
                 self._refresh()
             return self._delivered
+
+    def known_delivered(self) -> tuple[int, int]:
+        """The last answer, without asking Redis."""
+        return self._delivered
 
     def _refresh(self) -> None:  # holding the lock
         info = group_info(self.r, self.names.frames, Names.PREPROCESS)
