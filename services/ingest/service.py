@@ -184,11 +184,15 @@ class CameraWorker(threading.Thread):
             self.waiting.popleft()
 
     def check_image(self, image: np.ndarray | Encoded) -> None:
-        """Track since when the image is unchanged (frozen) or dark (black), for the health alerts
-        (at most every ``CHECK_EVERY_S`` per camera)."""
+        """Track since when the image is unchanged (frozen) or dark (black), for the health alerts.
+
+        A changing camera is looked at most every ``CHECK_EVERY_S``; one that looked still at the last look
+        is looked at on every frame, so a camera that loops a few pictures is never sampled in step with
+        its loop (a folder of 3 pictures at 5 fps looked at every 0.6 s shows the same picture each time).
+        """
         now = time.time()
         self.status["last_frame"] = now
-        if now - self._checked < CHECK_EVERY_S:
+        if now - self._checked < CHECK_EVERY_S and not self.status["frozen_since"]:
             return
         self._checked = now
         eight_bit = (image.dtype == "uint8") if isinstance(image, Encoded) else image.dtype == np.uint8

@@ -295,3 +295,33 @@ def test_a_slowly_moving_line_is_not_frozen_but_a_repeated_picture_is():
     rng = np.random.default_rng(0)
     noisy = [np.clip(frame + rng.normal(0, 1.0, frame.shape), 0, 255).astype(np.uint8) for _ in range(20)]
     assert [still.update(img)[0] for img in noisy] == [False] + [True] * 19
+
+
+def test_a_camera_looping_a_few_pictures_is_not_frozen_however_its_frames_fall_on_the_checks(monkeypatch):
+    """Checks every CHECK_EVERY_S of a 3-picture loop at 5 fps would see the same picture every time."""
+    import logging
+    import math
+    import types
+
+    import redis
+
+    from services.ingest import service as ingest
+    from shared.config import CameraConfig
+
+    clock = [1000.0]
+    monkeypatch.setattr(ingest.time, "time", lambda: clock[0])
+    svc = types.SimpleNamespace(r=redis.Redis(), names=types.SimpleNamespace(frames="t:frames"),
+                                cfg=types.SimpleNamespace(streams=types.SimpleNamespace(frames_maxlen=10)),
+                                log=logging.getLogger("test"))
+    pictures = [np.full((48, 64, 3), v, np.uint8) for v in (40, 120, 200)]
+    fps = 5.0
+    assert math.ceil(ingest.CHECK_EVERY_S * fps) % len(pictures) == 0  # every 3rd frame: the sampling that aliased
+    looping = ingest.CameraWorker(svc, CameraConfig(id="loop", source="synthetic://process", fps=fps, tasks=["classify"]))
+    frozen = ingest.CameraWorker(svc, CameraConfig(id="frozen", source="synthetic://process", fps=fps, tasks=["classify"]))
+    for i in range(50):  # 10 s
+        clock[0] += 1 / fps
+        looping.check_image(pictures[i % len(pictures)])
+        frozen.check_image(pictures[0])
+        since = looping.status["frozen_since"]
+        assert not since or clock[0] - since < 1.5 / fps  # still for a frame at most, never for seconds
+    assert frozen.status["frozen_since"] and clock[0] - frozen.status["frozen_since"] > 9
