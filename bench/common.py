@@ -62,14 +62,14 @@ def service_heap() -> None:
     """The glibc heap settings ``plantsight up`` and the image give every service (MALLOC_ARENA_MAX=2,
     MALLOC_MMAP_THRESHOLD_=1 MiB), for a benchmark that runs service code in its own process: without
     them each 150 KB message is a fresh mmap whose pages fault in on every frame."""
-    import ctypes
+    from services.supervisor import SERVICE_ENV
+    from shared.runtime import libc
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
+    c = libc()
+    if c is None:  # not glibc
         return
-    libc.mallopt(-8, 2)  # M_ARENA_MAX
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    c.mallopt(-8, int(SERVICE_ENV["MALLOC_ARENA_MAX"]))  # M_ARENA_MAX
+    c.mallopt(-3, int(SERVICE_ENV["MALLOC_MMAP_THRESHOLD_"]))  # M_MMAP_THRESHOLD
 
 
 def cpu_seconds(pid: int) -> float:

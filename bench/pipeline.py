@@ -8,8 +8,9 @@ warm-up, then measures for ``--seconds``: frames through infer per second, captu
 (the result entry's Redis id time minus the frame's ``ts``), per-stage throughput, time and CPU per
 frame, drops. The same process runs the bare model the way infer loads it (same device, batch size,
 input size and engine) for ``--model-seconds``, half just before the pipeline starts and half just
-after it stops; the ratio is against the mean of the two. Prints one JSON object; progress goes to stderr. ``--rate`` caps the cameras' total frames per second (half the
-saturating rate gives the latency target's load).
+after it stops; the ratio is against the mean of the two. Prints one JSON object; progress goes to
+stderr. ``--rate`` caps the cameras' total frames per second (half the saturating rate gives the
+latency target's load).
 
 The cameras replay ``--replay`` pre-rendered JPEG frames (``synthetic://…&replay=N``): a real camera
 hands ingest encoded bytes, so the scene renderer's CPU (about 20 ms a frame) is not the pipeline's

@@ -33,12 +33,17 @@ from shared.streams import REDIS_DOWN, Names, connect, publish_stream_metrics
 log = logging.getLogger("plantsight")
 
 
+def libc() -> ctypes.CDLL | None:
+    """glibc, for the heap settings below; None elsewhere (musl, macOS)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _malloc_trim():
     """glibc's malloc_trim, or None: gives freed heap pages back to the system."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
+    return getattr(libc(), "malloc_trim", None)
 
 
 MALLOC_TRIM = _malloc_trim()
@@ -54,12 +59,11 @@ def keep_tensor_heap() -> bool:
     model's time. Here large blocks come from the heap and stay there between batches; the service loop's
     ``malloc_trim`` every ``TRIM_EVERY_S`` still hands idle pages back, so the RSS stays flat.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    c = libc()
+    if c is None:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
+    return bool(c.mallopt(m_mmap_max, 0)) and bool(c.mallopt(m_trim_threshold, 512 << 20))
 
 
 def setup_logging(level: str = "INFO", service: str = "plantsight") -> None:
