@@ -96,13 +96,24 @@ def crop(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> tuple[np.n
     return image[y1:y2, x1:x2], (x1, y1, x2 - x1, y2 - y1)
 
 
+def resize_method(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
+    """OpenCV's interpolation for one resize: area averaging when a side shrinks by more than 2, else bilinear.
+
+    Down to half size bilinear's 2×2 taps still read every source pixel, so it shows what area averaging
+    shows at a fifth of its cost (0.1 against 0.58 ms for 320×240 → 224×224 here); below half it would skip
+    pixels and alias. A JPEG decoded at 1/2, 1/4 or 1/8 (``jpeg_reduction``) always lands in bilinear's range.
+    """
+    (h, w), (th, tw) = src_hw, dst_hw
+    return cv2.INTER_AREA if 2 * th < h or 2 * tw < w else cv2.INTER_LINEAR
+
+
 def letterbox(image: np.ndarray, size: tuple[int, int], fill: int = 114) -> tuple[np.ndarray, tuple[float, int, int]]:
     """Resize keeping the aspect ratio and pad to ``size`` (h, w); returns (image, (scale, pad_x, pad_y))."""
     h, w = image.shape[:2]
     th, tw = size
     scale = min(th / h, tw / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    resized = cv2.resize(image, (nw, nh), interpolation=resize_method((h, w), (nh, nw)))
     if resized.ndim == 2:
         resized = resized[:, :, None]
     out = np.full((th, tw, image.shape[2]), fill, dtype=image.dtype)
@@ -115,7 +126,7 @@ def stretch(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple
     """Resize to ``size`` (h, w) ignoring the aspect ratio; returns (image, (scale_x, scale_y))."""
     h, w = image.shape[:2]
     th, tw = size
-    out = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA if th * tw < h * w else cv2.INTER_LINEAR)
+    out = cv2.resize(image, (tw, th), interpolation=resize_method((h, w), (th, tw)))
     if out.ndim == 2:
         out = out[:, :, None]
     return out, (tw / w, th / h)

@@ -144,6 +144,22 @@ def test_letterbox_tall_and_single_channel():
     assert (out[:, 112:336] == 7).all() and (out[:, :112] == 0).all() and (out[:, 336:] == 0).all()
 
 
+def test_resize_averages_areas_only_below_half_size():
+    from shared.imaging import resize_method
+
+    assert resize_method((480, 640), (224, 224)) == cv2.INTER_AREA  # 640 → 224 would skip pixels bilinearly
+    assert resize_method((240, 320), (224, 224)) == cv2.INTER_LINEAR  # after a 1/2 JPEG decode
+    assert resize_method((448, 300), (224, 224)) == cv2.INTER_LINEAR  # exactly half
+    assert resize_method((449, 300), (224, 224)) == cv2.INTER_AREA
+    assert resize_method((100, 100), (224, 224)) == cv2.INTER_LINEAR  # enlarging
+    # fine stripes a pixel wide: at 0.7× bilinear keeps their mean brightness as area averaging does
+    stripes = np.zeros((240, 320, 3), np.uint8)
+    stripes[:, ::2] = 200
+    lin, _ = stretch(stripes, (224, 224))
+    area = cv2.resize(stripes, (224, 224), interpolation=cv2.INTER_AREA)
+    assert abs(float(lin.mean()) - float(area.mean())) < 2
+
+
 def test_stretch_ignores_aspect():
     image = np.zeros((528, 720, 3), np.uint8)
     out, (sx, sy) = stretch(image, (224, 224))
