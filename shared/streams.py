@@ -107,6 +107,21 @@ def group_lag(r: redis.Redis, stream: str, group: str, limit: int = 10000) -> in
     return int(r.eval(_COUNT_AFTER, 1, stream, info["last-delivered-id"], limit))
 
 
+def wait_for_entry(r: redis.Redis, streams: list[str], timeout_s: float) -> bool:
+    """Block until one of ``streams`` gets an entry added after this call, or ``timeout_s`` passes; True
+    if one came.
+
+    How a stage that the next one holds back waits for it to move: a blocked camera waits for
+    preprocess to write (so it has read frames), preprocess for infer to write results. Asking the
+    group's position every few milliseconds instead cost more CPU than the frames at saturation, and
+    the pause between questions still delayed the restart. Up to one entry per stream comes back; its
+    payload is not looked at. An entry written between the caller's last question and this call is not
+    seen: the caller then moves on the next one (the next stage keeps writing while it has work) or
+    at the timeout.
+    """
+    return bool(r.xread({s: "$" for s in streams}, count=1, block=max(1, round(timeout_s * 1000))))
+
+
 _DROP_IF_UNDELIVERED = """
 local ld = '0-0'
 local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])

@@ -21,14 +21,15 @@ from shared.config import CameraConfig, ConfigError, OnFull
 from shared.imaging import encode
 from shared.messages import Frame
 from shared.runtime import Service
-from shared.streams import REDIS_DOWN, Names, Producer, ensure_group, group_info, parse_id
+from shared.streams import REDIS_DOWN, Names, Producer, ensure_group, group_info, parse_id, wait_for_entry
 
 from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 
 STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
 DELIVERED_EVERY_S = 0.002  # how fresh the shared view of what preprocess has read must be when a camera asks
-BLOCKED_POLL_S = 0.02  # while cameras are blocked, one of them asks Redis this often; the others sleep until it moves
+BLOCKED_WAIT_S = 0.1  # a blocked camera asks where preprocess is when it writes, or after this long without a write
+BLOCKED_POLL_S = 0.01  # but not more often than this (preprocess writes all the time on a fast machine)
 CHECK_EVERY_S = 0.5  # frozen/black checks per camera at most this often (seconds matter there, not frames)
 
 
@@ -224,6 +225,7 @@ class IngestService(Service):
         self._delivered_lock = threading.Condition()
         self._delivered, self._delivered_at = (0, 0), -1.0
         self._polling = False  # a blocked camera is asking Redis for all of them
+        self.progress = [self.names.prepared(t) for t in sorted(cfg.tasks())]  # what preprocess writes
         # Replicas share the cameras out: replica k of n reads cameras k, k+n, k+2n, … of the list.
         n = cfg.services["ingest"].replicas
         self.cameras = [c for i, c in enumerate(cfg.cameras) if i % n == self.replica % n]
@@ -263,27 +265,32 @@ class IngestService(Service):
     def wait_delivered(self, oldest: tuple[int, int]) -> None:
         """A blocked camera waits until preprocess has read its ``oldest`` waiting frame (or briefly, on stop).
 
-        One blocked camera at a time asks Redis, every ``BLOCKED_POLL_S``; the others sleep on the
-        condition and wake when the answer moves. Polling every few milliseconds per camera cost
-        more CPU than the frames themselves on a two-core box.
+        One blocked camera at a time waits for preprocess to write a prepared entry (it writes what it
+        has just read), then asks Redis where preprocess is; the others sleep on the condition and wake
+        when the answer moves. Without a write it asks every ``BLOCKED_WAIT_S``, and never more often than
+        every ``BLOCKED_POLL_S``. Asking every 20 ms cost more CPU than the frames at saturation on a
+        two-core box (and each camera asking every 5 ms far more).
         """
         with self._delivered_lock:
             if self._delivered >= oldest or self.stop.is_set():
                 return
             if self._polling:
-                self._delivered_lock.wait(BLOCKED_POLL_S * 5)  # the poller wakes us; the timeout covers its loss
+                self._delivered_lock.wait(BLOCKED_WAIT_S * 2)  # the poller wakes us; the timeout covers its loss
                 return
             self._polling = True
         handed_over = False
         try:
-            self.stop.wait(BLOCKED_POLL_S)
+            self.stop.wait(max(0.0, self._delivered_at + BLOCKED_POLL_S - time.monotonic()))
+            if not self.stop.is_set():
+                wait_for_entry(self.r, self.progress, BLOCKED_WAIT_S)
             with self._delivered_lock:
+                self._polling = False  # first, so that a camera this wakes that is still blocked polls next
                 self._refresh()  # wakes the sleeping cameras when it moved
             handed_over = True
         finally:
-            with self._delivered_lock:
-                self._polling = False
-                if not handed_over:  # Redis failed us: let another camera poll
+            if not handed_over:  # Redis failed us: let another camera poll
+                with self._delivered_lock:
+                    self._polling = False
                     self._delivered_lock.notify()
 
     def setup(self) -> None:

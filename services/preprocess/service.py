@@ -19,11 +19,13 @@ from shared.imaging import crop, decode_frame, jpeg_reduction, letterbox, stretc
 from shared.messages import DecodeError, Frame, Prepared
 from shared.models import input_size_for
 from shared.runtime import Service
-from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer, ensure_group, group_lag
+from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer, ensure_group, group_lag, wait_for_entry
 
 STAGE = "preprocess"
 SPATIAL = ("detect", "segment")  # letterboxed so boxes and masks map back exactly
-BACKLOG_CHECK_S = 0.02
+BACKLOG_CHECK_S = 0.02  # while frames flow, how old the answer to "is infer behind?" may be
+BACKLOG_WAIT_S = 0.25  # while paused, ask again when infer writes results, or after this long without any
+BACKLOG_POLL_S = 0.005  # but not more often than this
 
 
 def prepare(image: np.ndarray, cam: CameraConfig, task: str, size: tuple[int, int],
@@ -100,7 +102,11 @@ class PreprocessService(Service):
 
     def step(self) -> None:
         if self.backlogged():
-            self.stop.wait(BACKLOG_CHECK_S)
+            # infer writes results when it has run a batch (and read the next): ask again then, not every
+            # 20 ms (those questions cost more CPU than the frames at saturation on a two-core box)
+            self.stop.wait(max(0.0, self._backlog_at + BACKLOG_POLL_S - time.monotonic()))
+            wait_for_entry(self.r, [self.names.results], BACKLOG_WAIT_S)
+            self._backlog_at = -1.0
             return
         entries = self.reader.read()
         if not entries:

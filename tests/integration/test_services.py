@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -156,23 +157,37 @@ def test_ingest_replicas_share_the_cameras_out_and_forward_replayed_jpeg_untouch
     assert by_seq[("c0", 2)].data == by_seq[("c0", 0)].data != by_seq[("c0", 1)].data  # the 2 frames, looped
 
 
-def test_blocked_cameras_wait_for_preprocess_without_polling_redis_per_camera(redis_server, r, prefix):
-    """``on_full: block``: a camera never has more than ``queue`` frames unread, loses none, and while
-    all cameras wait only one of them asks Redis (every BLOCKED_POLL_S), not each one every few ms."""
-    from services.ingest.service import BLOCKED_POLL_S, IngestService
+def blocked_in_xread(r) -> bool:
+    """Some client of this Redis is waiting in a blocking XREAD."""
+    return any(c["cmd"] == "xread" and "b" in c["flags"] for c in r.client_list())
+
+
+def wait_until(cond, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis_server, r, prefix, monkeypatch):
+    """``on_full: block``: a camera never has more than ``queue`` frames unread and loses none. While all
+    cameras wait, one of them waits in Redis for preprocess to write a prepared entry (it writes what it
+    has read) and only then asks where preprocess is: an idle second costs one question, not one every
+    20 ms (or each camera's every 5 ms). With BLOCKED_WAIT_S at 4 s the 36 frames after the first 12 get
+    through within 3 s only because each write wakes the cameras."""
+    from services.ingest import service as ingest
     from shared.messages import Frame
     from shared.streams import Names
 
+    monkeypatch.setattr(ingest, "BLOCKED_WAIT_S", 4.0)  # below the client's 5 s socket timeout
     n, queue = 12, 3
     cams = [{"id": f"c{i}", "source": "synthetic://process?w=64&h=48&replay=2", "tasks": ["classify"],
              "fps": 200, "max_frames": n, "on_full": "block", "queue": queue} for i in range(4)]
-    svc = IngestService(config(redis_server, prefix, cameras=cams), port=0)
-    stream = f"{prefix}:frames"
+    svc = ingest.IngestService(config(redis_server, prefix, cameras=cams), port=0)
+    stream, prepared = f"{prefix}:frames", f"{prefix}:prepared:classify"
     svc.setup()
     try:
-        deadline = time.monotonic() + 10
-        while r.xlen(stream) < 4 * queue and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: r.xlen(stream) >= 4 * queue, 10, "the cameras fill their queues")
         time.sleep(0.1)  # every camera is blocked now: nothing has been read
         assert r.xlen(stream) == 4 * queue
         r.config_resetstat()
@@ -180,11 +195,13 @@ def test_blocked_cameras_wait_for_preprocess_without_polling_redis_per_camera(re
         time.sleep(idle)
         calls = {k.split("|")[0]: v["calls"] for k, v in r.info("commandstats").items()}  # 7.x: xinfo|groups
         assert calls.get("cmdstat_xadd", 0) == 0
-        # one poller: about idle / BLOCKED_POLL_S questions (each camera polling every 5 ms would be 800)
-        assert 0.5 * idle / BLOCKED_POLL_S <= calls.get("cmdstat_xinfo", 0) <= 1.2 * idle / BLOCKED_POLL_S, calls
+        assert calls.get("cmdstat_xinfo", 0) <= 1, calls  # every 20 ms would be 50; each camera every 5 ms, 800
+        assert blocked_in_xread(r)
         seen: list[tuple[str, int]] = []
-        while len(seen) < 4 * n and time.monotonic() < deadline + 20:
-            reply = r.xreadgroup(Names.PREPROCESS, "test", {stream: ">"}, count=2, block=200)
+        t0 = time.monotonic()
+        while len(seen) < 4 * n:
+            assert time.monotonic() - t0 < 3.0, f"{len(seen)} frames after 3 s: the writes did not wake the cameras"
+            reply = r.xreadgroup(Names.PREPROCESS, "test", {stream: ">"}, count=100, block=50)
             for _, entries in reply or []:
                 for _id, f in entries:
                     frame = Frame.from_msgpack(f[b"m"])
@@ -194,9 +211,57 @@ def test_blocked_cameras_wait_for_preprocess_without_polling_redis_per_camera(re
             for _id, f in r.xrange(stream, min="(" + unread["last-delivered-id"].decode()):
                 per_cam[f[b"cam"]] = per_cam.get(f[b"cam"], 0) + 1
             assert max(per_cam.values(), default=0) <= queue
+            if reply and r.xlen(stream) < 4 * n:  # as preprocess does after reading, once the poller listens
+                wait_until(lambda: blocked_in_xread(r) or r.xlen(stream) == 4 * n, 2, "a camera waits in XREAD")
+                r.xadd(prepared, {"m": b"-"})
         for w in svc.workers:
             w.join(timeout=10)
     finally:
         svc.stop.set()
         svc.close()
     assert sorted(seen) == [(f"c{i}", s) for i in range(4) for s in range(n)]
+
+
+def test_preprocess_paused_by_infer_waits_for_its_results_instead_of_polling(redis_server, r, prefix, monkeypatch):
+    """preprocess pauses while infer lags ``prepared_backlog`` entries; it then waits in Redis for infer's
+    next results rather than asking every 20 ms, and resumes as soon as they are written (with
+    BACKLOG_WAIT_S at 4 s, resuming within 2 s is the write's doing)."""
+    from services.preprocess import service as pre
+    from shared.imaging import encode
+    from shared.messages import Frame
+
+    monkeypatch.setattr(pre, "BACKLOG_WAIT_S", 4.0)  # below the client's 5 s socket timeout
+    cfg = config(redis_server, prefix, cameras=[{"id": "c1", "source": "synthetic://process", "tasks": ["classify"]}],
+                 streams={"prepared_backlog": 2})
+    svc = pre.PreprocessService(cfg, port=0)
+    svc.setup()
+    out = svc.names.prepared("classify")
+    for seq in range(2):  # infer lags two entries: preprocess must not add more
+        r.xadd(out, {"m": prepared(seq)})
+    image = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    enc, data = encode(image)
+    r.xadd(svc.names.frames, {"m": Frame(camera="c1", seq=7, ts=time.time_ns(), enc=enc, shape=image.shape,
+                                         dtype="uint8", data=data).to_msgpack(), "cam": "c1"})
+
+    def loop():
+        while not svc.stop.is_set():
+            svc.step()
+
+    worker = threading.Thread(target=loop, daemon=True)
+    try:
+        r.config_resetstat()
+        worker.start()
+        time.sleep(1.0)
+        calls = {k.split("|")[0]: v["calls"] for k, v in r.info("commandstats").items()}
+        assert calls.get("cmdstat_xreadgroup", 0) == 0 and r.xlen(out) == 2  # paused: the frame waits
+        assert calls.get("cmdstat_xinfo", 0) <= 2, calls  # one question, then a wait (every 20 ms: 50)
+        wait_until(lambda: blocked_in_xread(r), 2, "preprocess waits in XREAD")
+        r.xreadgroup("infer-classify", "test", {out: ">"}, count=2)  # infer takes its two entries...
+        r.xadd(svc.names.results, {"m": b"-"})  # ...and writes its results
+        wait_until(lambda: r.xlen(out) == 3, 2, "preprocess resumes when infer writes results")
+        ((_, fields),) = r.xrange(out, count=1, min="(" + r.xrange(out)[1][0].decode())
+        assert Prepared.from_msgpack(fields[b"m"]).seq == 7
+    finally:
+        svc.stop.set()
+        worker.join(timeout=10)
+        svc.close()
