@@ -101,7 +101,8 @@ def resize_method(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
 
     Down to half size bilinear's 2×2 taps still read every source pixel, so it shows what area averaging
     shows at a fifth of its cost (0.1 against 0.58 ms for 320×240 → 224×224 here); below half it would skip
-    pixels and alias. A JPEG decoded at 1/2, 1/4 or 1/8 (``jpeg_reduction``) always lands in bilinear's range.
+    pixels and alias. A JPEG decoded at 1/2, 1/4 or 1/8 (``jpeg_reduction``) lands in bilinear's range
+    unless the frame's aspect is far from the network's (1920×480 → 224×224 still averages across).
     """
     (h, w), (th, tw) = src_hw, dst_hw
     return cv2.INTER_AREA if 2 * th < h or 2 * tw < w else cv2.INTER_LINEAR
