@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def wait_until(cond, seconds: float, what: str, poll: float = 0.005) -> None:
+    """Fail with ``what`` unless ``cond()`` turns true within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:g} s waiting for {what}")
+        time.sleep(poll)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

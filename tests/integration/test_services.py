@@ -15,6 +15,7 @@ from services.inference.service import InferService
 from shared.config import load_config
 from shared.imaging import letterbox
 from shared.messages import Alert, Prepared, Result
+from tests.conftest import wait_until
 
 
 def config(redis_server, prefix, **extra):
@@ -162,11 +163,9 @@ def blocked_in_xread(r) -> bool:
     return any(c["cmd"] == "xread" and "b" in c["flags"] for c in r.client_list())
 
 
-def wait_until(cond, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
+def command_calls(r) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT (7.x names subcommands: xinfo|groups → xinfo)."""
+    return {k.split("|")[0]: v["calls"] for k, v in r.info("commandstats").items()}
 
 
 def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis_server, r, prefix, monkeypatch):
@@ -193,7 +192,7 @@ def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis
         r.config_resetstat()
         idle = 1.0
         time.sleep(idle)
-        calls = {k.split("|")[0]: v["calls"] for k, v in r.info("commandstats").items()}  # 7.x: xinfo|groups
+        calls = command_calls(r)
         assert calls.get("cmdstat_xadd", 0) == 0
         assert calls.get("cmdstat_xinfo", 0) <= 1, calls  # every 20 ms would be 50; each camera every 5 ms, 800
         assert blocked_in_xread(r)
@@ -252,7 +251,7 @@ def test_preprocess_paused_by_infer_waits_for_its_results_instead_of_polling(red
         r.config_resetstat()
         worker.start()
         time.sleep(1.0)
-        calls = {k.split("|")[0]: v["calls"] for k, v in r.info("commandstats").items()}
+        calls = command_calls(r)
         assert calls.get("cmdstat_xreadgroup", 0) == 0 and r.xlen(out) == 2  # paused: the frame waits
         assert calls.get("cmdstat_xinfo", 0) <= 2, calls  # one question, then a wait (every 20 ms: 50)
         wait_until(lambda: blocked_in_xread(r), 2, "preprocess waits in XREAD")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from shared.messages import Alert
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.integration.test_webhook import Receiver, acked, run_sink
 
 BINARY = "/usr/bin/prometheus-alertmanager"
@@ -95,15 +95,6 @@ def resolved(of: Alert, after_s: float = 2.0) -> Alert:
                  labels={"episode": of.id, "zone": "door", "seq": "9", "model": "thermal_cnn@3"})
 
 
-def wait_until(check, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def iso(ts_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts_ns // 1_000_000_000)) + \
         f".{(ts_ns // 1_000_000) % 1000:03d}Z"
@@ -132,7 +123,8 @@ def test_alertmanager_lists_the_alert_then_shows_it_resolved(redis_server, r, pr
     assert listed["status"]["state"] == "active" and listed["receivers"] == [{"name": "plant"}]
     assert instant(listed["startsAt"]) == instant(iso(a.ts))
     assert listed["generatorURL"] == f"https://viewer.plant.example/alerts/{a.id}"
-    assert wait_until(lambda: statuses(notified) == [("firing", "hot")])
+    wait_until(lambda: statuses(notified) == [("firing", "hot")], 20, "Alertmanager's webhook call for the firing alert",
+               poll=0.1)
 
     clear = resolved(a)
     r2.xadd(names.alerts, {"m": clear.to_msgpack()})
