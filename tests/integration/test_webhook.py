@@ -19,7 +19,7 @@ import pytest
 from services.alerting.sinks import SinkWorker
 from shared.config import ConfigError, load_config
 from shared.messages import Alert
-from shared.streams import DeadLetters, GroupReader, Names, connect
+from shared.streams import DeadLetters, GroupReader, Names, connect, ensure_group
 from tests.conftest import env_without_plantsight, free_port
 
 SECRET = "hook-secret-for-tests"
@@ -75,6 +75,7 @@ class RunningSink:
         self.names = Names(prefix)
         for a in alerts:
             self.add(a)
+        ensure_group(self.r, self.names.alerts, "sink-cmms")  # before ``until`` asks about it (the worker would, later)
         dead = DeadLetters(self.r, self.names, 3600, "alert")
         reader = GroupReader(self.r, self.names.alerts, "sink-cmms", consumer, dead=dead, count=16, block_ms=100,
                              claim_idle_ms=claim_idle_ms, max_deliveries=3, max_bytes=1 << 20)
