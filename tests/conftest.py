@@ -27,6 +27,14 @@ def wait_until(cond, seconds: float, what: str, poll: float = 0.005) -> None:
         time.sleep(poll)
 
 
+def command_calls(r) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT (7.x names subcommands: xinfo|groups → xinfo)."""
+    out: dict[str, int] = {}
+    for k, v in r.info("commandstats").items():
+        out[k.split("|")[0]] = out.get(k.split("|")[0], 0) + v["calls"]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ from services.inference.service import InferService
 from shared.config import load_config
 from shared.imaging import letterbox
 from shared.messages import Alert, Prepared, Result
-from tests.conftest import wait_until
+from tests.conftest import command_calls, wait_until
 
 
 def config(redis_server, prefix, **extra):
@@ -161,11 +161,6 @@ def test_ingest_replicas_share_the_cameras_out_and_forward_replayed_jpeg_untouch
 def blocked_in_xread(r) -> bool:
     """Some client of this Redis is waiting in a blocking XREAD."""
     return any(c["cmd"] == "xread" and "b" in c["flags"] for c in r.client_list())
-
-
-def command_calls(r) -> dict[str, int]:
-    """Calls per command since the last CONFIG RESETSTAT (7.x names subcommands: xinfo|groups → xinfo)."""
-    return {k.split("|")[0]: v["calls"] for k, v in r.info("commandstats").items()}
 
 
 def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis_server, r, prefix, monkeypatch):

@@ -7,8 +7,10 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
+from shared.config import Config
 from shared.streams import (DeadLetters, GroupReader, Names, Outbox, Producer, ensure_group, group_info, group_lag,
-                            stream_stats)
+                            publish_stream_metrics, stream_stats)
+from tests.conftest import command_calls
 
 GROUP = Names.PREPROCESS
 CLAIM_IDLE_MS = 100
@@ -217,6 +219,28 @@ def test_stream_stats_rows(r, names):
         {"stream": names.alerts, "group": None, "length": 1, "lag": None, "pending": None},
         {"stream": names.deadletter, "group": None, "length": 0, "lag": None, "pending": None},
     ]
+
+
+def test_stream_metrics_ask_only_about_the_service_streams(r, names):
+    """Every service publishes its streams' gauges every two seconds: it asks about its own streams only
+    (not all six, filtered afterwards) with one XLEN and one XINFO per stream, in one round trip."""
+    frames = Producer(r, names.frames)
+    for i in range(3):
+        frames.add(b"%d" % i, cam="kiln-1")
+    reader(r, names, "worker-1", count=1).read()
+    cfg = Config.model_validate({"redis": {"prefix": names.prefix}})
+    r.config_resetstat()
+    assert publish_stream_metrics(r, names, cfg, set()) == []
+    assert command_calls(r).keys() <= {"cmdstat_info", "cmdstat_config"}  # no question (those two are the test's)
+    r.config_resetstat()
+    rows = publish_stream_metrics(r, names, cfg, {names.frames, names.alerts})
+    assert rows == [{"stream": names.frames, "group": "preprocess", "length": 3, "lag": 2, "pending": 1},
+                    {"stream": names.alerts, "group": None, "length": 0, "lag": None, "pending": None}]
+    calls = command_calls(r)
+    assert (calls.get("cmdstat_xlen"), calls.get("cmdstat_xinfo")) == (2, 1), calls
+    assert calls.keys() <= {"cmdstat_xlen", "cmdstat_xinfo", "cmdstat_info", "cmdstat_config"}, calls
+    lag = REGISTRY.get_sample_value("plantsight_consumer_lag", {"stream": names.frames, "group": "preprocess"})
+    assert (lag, REGISTRY.get_sample_value("plantsight_stream_length", {"stream": names.frames})) == (2, 3)
 
 
 def test_pending_entry_trimmed_away_is_accounted(r, names):
