@@ -5,7 +5,11 @@ Known label values are pre-created by the services (``precreate``) so dashboards
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+import threading
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -43,3 +47,62 @@ def precreate_stage(stage: str, reasons: tuple[str, ...] = ("decode_error", "max
     STAGE_SECONDS.labels(stage=stage)
     for reason in reasons:
         DEADLETTER.labels(stage=stage, reason=reason)
+
+
+def native_thread_cpu_s() -> float:
+    """CPU seconds of this process's threads that Python did not start (torch's intra-op and inter-op
+    workers in infer), from /proc; 0 where there is no /proc."""
+    python = {t.native_id for t in threading.enumerate()}
+    ticks = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        if int(tid) in python:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class ModelCpu:
+    """``plantsight_model_cpu_seconds_total`` (infer only): the CPU the networks used, so that the rest of
+    a process's CPU is what the pipeline costs around them. It is the CPU of the thread that runs a batch,
+    counted inside ``predict`` only, plus that of every thread Python did not start (torch's workers),
+    read when Prometheus scrapes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._in_predict = 0.0
+        self._last = 0.0
+        self._registered = False
+
+    NAME, HELP = "plantsight_model_cpu_seconds", "CPU time the networks used (infer)"
+
+    def register(self) -> None:
+        if not self._registered:  # once per process (tests build several services)
+            REGISTRY.register(self)
+            self._registered = True
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._in_predict += seconds
+
+    def seconds(self) -> float:
+        with self._lock:  # never backwards, even if a worker thread ended and took its time with it
+            self._last = max(self._last, self._in_predict + native_thread_cpu_s())
+            return self._last
+
+    def describe(self):  # the name, for the registry's check of duplicates, without reading /proc
+        yield CounterMetricFamily(self.NAME, self.HELP, value=0)
+
+    def collect(self):
+        yield CounterMetricFamily(self.NAME, self.HELP, value=self.seconds())
+
+
+MODEL_CPU = ModelCpu()

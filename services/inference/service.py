@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
@@ -76,6 +77,10 @@ class InferService(Service):
     def __init__(self, cfg, *, tasks: list[str] | None = None, **kw):
         super().__init__(cfg, **kw)
         keep_tensor_heap()
+        # The reader thread decodes beside the model, which already has the cores: OpenCV's own worker
+        # threads would only contend with torch's (and be counted as the model's, see metrics.ModelCpu).
+        cv2.setNumThreads(1)
+        metrics.MODEL_CPU.register()
         inf, s = cfg.inference, cfg.streams
         if inf.threads:
             torch.set_num_threads(inf.threads)
@@ -216,9 +221,13 @@ class InferService(Service):
         if groups is None:
             groups = self.stack(run, items, None, None)
         outs: list[dict | None] = [None] * len(items)
-        for idx, tensor in groups:
-            for i, out in zip(idx, predictor.predict(tensor.to(self.device, non_blocking=True))):
-                outs[i] = out
+        cpu = time.thread_time()
+        try:
+            for idx, tensor in groups:
+                for i, out in zip(idx, predictor.predict(tensor.to(self.device, non_blocking=True))):
+                    outs[i] = out
+        finally:
+            metrics.MODEL_CPU.add(time.thread_time() - cpu)
         return outs
 
     def process(self, run: TaskRunner, entries: list[Entry]) -> None:

@@ -45,6 +45,10 @@ def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path):
     assert out["results_in_window"] > 0 and out["dropped"] == {}
     assert set(out["stages"]) == {"ingest", "preprocess", "infer", "alert", "redis"}
     assert out["stages"]["redis"]["cpu_ms_per_frame"] > 0  # the server's CPU is counted
+    infer = out["stages"]["infer"]  # the networks' CPU, counted in infer, is most of infer's and not all
+    assert 0 < infer["model_cpu_ms_per_frame"] < infer["cpu_ms_per_frame"]
+    assert out["cpu_outside_model_ms_per_frame"] == pytest.approx(
+        out["cpu_ms_per_frame_all_services"] - infer["model_cpu_ms_per_frame"], abs=0.02)
     assert out["batch"] == 8 and out["device"] == "cpu" and out["engine"] == "torchscript"
     assert out["decode"] == "infer" and out["frame"] == [240, 320]
     assert {"torch", "torchvision", "redis_py"} <= set(out["versions"]) and out["redis_server"]
