@@ -97,24 +97,58 @@ def group_info(r: redis.Redis, stream: str, group: str) -> dict | None:
     return _find_group(groups, group)
 
 
-# Redis 6.2 has no ``lag`` in XINFO GROUPS: count the entries after last-delivered-id inside Redis,
-# so that only the count crosses the network (not up to ``limit`` frames of payload).
-_COUNT_AFTER = "return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])"
+# Where a consumer group stands, as {last-delivered-id, lag}, in one command that never fails: a script, so
+# that it can ride in a pipeline or a MULTI beside other work. Without a stream: {"0-0", 0}; without the
+# group: everything is undelivered. Where XINFO has no ``lag`` (Redis 6.2; 7.x after a deletion) it counts
+# the entries after last-delivered-id inside Redis (only the count crosses the network), capped at ARGV[2].
+_POSITION = """
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return {'0-0', 0} end
+for _, g in ipairs(groups) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  if info['name'] == ARGV[1] then
+    local last = info['last-delivered-id']
+    if info['lag'] then return {last, info['lag']} end
+    return {last, #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])}
+  end
+end
+return {'0-0', redis.call('XLEN', KEYS[1])}
+"""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a consumer group stands on its stream."""
+
+    delivered: tuple[int, int]  # last-delivered-id, as (ms, seq)
+    lag: int  # entries not yet delivered to it
+
+
+def ask_position(target, stream: str, group: str, limit: int = 10000):
+    """Ask where ``group`` stands on ``stream``: on a client, the reply now (``position_of`` reads it); on a
+    pipeline or an ``Outbox``'s MULTI, queued beside the rest."""
+    return target.eval(_POSITION, 1, stream, group, limit)
+
+
+def position_of(reply) -> Position:
+    return Position(parse_id(_s(reply[0])), int(reply[1]))
+
+
+def group_position(r: redis.Redis, stream: str, group: str, limit: int = 10000) -> Position:
+    return position_of(ask_position(r, stream, group, limit))
 
 
 def group_lag(r: redis.Redis, stream: str, group: str, limit: int = 10000) -> int:
-    """Entries not yet delivered to the group (Redis 7 ``lag``; counted inside Redis on 6.2), capped at limit."""
-    info = group_info(r, stream, group)
-    if info is None:
-        return int(r.xlen(stream))
-    if info.get("lag") is not None:
-        return int(info["lag"])
-    return int(r.eval(_COUNT_AFTER, 1, stream, info["last-delivered-id"], limit))
+    """Entries not yet delivered to the group (counted up to ``limit`` where Redis does not say)."""
+    return group_position(r, stream, group, limit).lag
 
 
-def wait_for_entry(r: redis.Redis, streams: list[str], timeout_s: float) -> bool:
-    """Block until one of ``streams`` gets an entry added after this call, or ``timeout_s`` passes; True
-    if one came.
+def wait_then_ask(r: redis.Redis, streams: list[str], timeout_s: float, groups: list[tuple[str, str]],
+                  limit: int = 10000) -> tuple[bool, list[Position]]:
+    """Block until one of ``streams`` gets an entry added after this call, or ``timeout_s`` passes, then
+    say where each (stream, group) of ``groups`` stands: (whether an entry came, positions), in one round
+    trip.
 
     How a stage that the next one holds back waits for it to move: a blocked camera waits for
     preprocess to write (so it has read frames), preprocess for infer to write results. Asking the
@@ -124,7 +158,12 @@ def wait_for_entry(r: redis.Redis, streams: list[str], timeout_s: float) -> bool
     seen: the caller then moves on the next one (the next stage keeps writing while it has work) or
     at the timeout.
     """
-    return bool(r.xread({s: "$" for s in streams}, count=1, block=max(1, round(timeout_s * 1000))))
+    pipe = r.pipeline(transaction=False)  # Redis runs the questions once the blocking read returns
+    pipe.xread({s: "$" for s in streams}, count=1, block=max(1, round(timeout_s * 1000)))
+    for stream, group in groups:
+        ask_position(pipe, stream, group, limit)
+    came, *replies = pipe.execute()
+    return bool(came), [position_of(x) for x in replies]
 
 
 _DROP_IF_UNDELIVERED = """
@@ -203,11 +242,12 @@ class Outbox:
     def on_commit(self, fn) -> None:
         self._after.append(fn)
 
-    def commit(self) -> None:
-        if len(self.pipe):
-            self.pipe.execute()
+    def commit(self) -> list:
+        """Write it all; the replies, in the order queued."""
+        replies = self.pipe.execute() if len(self.pipe) else []
         for fn in self._after:
             fn()
+        return replies
 
 
 class DeadLetters:
@@ -347,7 +387,7 @@ def stream_stats(r: redis.Redis, names: Names, tasks: Iterable[str], only: set[s
             if info is not None:
                 row["pending"] = int(info.get("pending", 0))
                 lag = info.get("lag")
-                row["lag"] = int(lag) if lag is not None else group_lag(r, stream, group)
+                row["lag"] = int(lag) if lag is not None else group_lag(r, stream, group)  # 6.2
         rows.append(row)
     return rows
 

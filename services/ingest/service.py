@@ -21,7 +21,7 @@ from shared.config import CameraConfig, ConfigError, OnFull
 from shared.imaging import encode
 from shared.messages import Frame
 from shared.runtime import Service
-from shared.streams import REDIS_DOWN, Names, Producer, ensure_group, group_info, parse_id, wait_for_entry
+from shared.streams import REDIS_DOWN, Names, Position, Producer, ensure_group, group_position, parse_id, wait_then_ask
 
 from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 
@@ -254,9 +254,11 @@ class IngestService(Service):
         """The last answer, without asking Redis."""
         return self._delivered
 
-    def _refresh(self) -> None:  # holding the lock
-        info = group_info(self.r, self.names.frames, Names.PREPROCESS)
-        new = parse_id(info["last-delivered-id"]) if info else (0, 0)
+    def _refresh(self, position: Position | None = None) -> None:  # holding the lock
+        """Take preprocess's position (asked of Redis now unless given) and wake the cameras if it moved."""
+        if position is None:
+            position = group_position(self.r, self.names.frames, Names.PREPROCESS, limit=1)
+        new = position.delivered
         self._delivered_at = time.monotonic()
         if new != self._delivered:
             self._delivered = new
@@ -281,11 +283,13 @@ class IngestService(Service):
         handed_over = False
         try:
             self.stop.wait(max(0.0, self._delivered_at + BLOCKED_POLL_S - time.monotonic()))
-            if not self.stop.is_set():
-                wait_for_entry(self.r, self.progress, BLOCKED_WAIT_S)
+            position = None
+            if not self.stop.is_set():  # wait, then ask where preprocess is, in one round trip
+                _, (position,) = wait_then_ask(self.r, self.progress, BLOCKED_WAIT_S,
+                                               [(self.names.frames, Names.PREPROCESS)], limit=1)
             with self._delivered_lock:
                 self._polling = False  # first, so that a camera this wakes that is still blocked polls next
-                self._refresh()  # wakes the sleeping cameras when it moved
+                self._refresh(position)  # wakes the sleeping cameras when it moved
             handed_over = True
         finally:
             if not handed_over:  # Redis failed us: let another camera poll

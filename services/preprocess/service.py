@@ -19,7 +19,8 @@ from shared.imaging import crop, decode_frame, jpeg_reduction, letterbox, stretc
 from shared.messages import DecodeError, Frame, Prepared
 from shared.models import input_size_for
 from shared.runtime import Service
-from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer, ensure_group, group_lag, wait_for_entry
+from shared.streams import (DeadLetters, GroupReader, Names, Outbox, Producer, ask_position, ensure_group,
+                            position_of, wait_then_ask)
 
 STAGE = "preprocess"
 SPATIAL = ("detect", "segment")  # letterboxed so boxes and masks map back exactly
@@ -90,14 +91,22 @@ class PreprocessService(Service):
     def streams(self) -> set[str]:
         return {self.names.frames, *(self.names.prepared(t) for t in self.tasks)}
 
+    def backlog_groups(self) -> list[tuple[str, str]]:
+        return [(self.names.prepared(t), Names.infer_group(t)) for t in self.tasks]
+
+    def note_backlog(self, lags: list[int]) -> None:
+        """Whether an infer group lags ``prepared_backlog`` entries, from positions just asked."""
+        self._backlog = any(lag >= self.cfg.streams.prepared_backlog for lag in lags)
+        self._backlog_at = time.monotonic()
+
     def backlogged(self) -> bool:
-        """Whether an infer group lags ``prepared_backlog`` entries (asked of Redis at most every 20 ms)."""
-        now = time.monotonic()
-        if now - self._backlog_at >= BACKLOG_CHECK_S:
-            limit = self.cfg.streams.prepared_backlog
-            self._backlog = any(group_lag(self.r, self.names.prepared(t), Names.infer_group(t), limit + 1) >= limit
-                                for t in self.tasks)
-            self._backlog_at = now
+        """Whether an infer group lags ``prepared_backlog`` entries: the answer that came with the last
+        batch's write or wait, asked anew when it is older than 20 ms."""
+        if time.monotonic() - self._backlog_at >= BACKLOG_CHECK_S:
+            pipe = self.r.pipeline(transaction=False)
+            for stream, group in self.backlog_groups():
+                ask_position(pipe, stream, group, self.cfg.streams.prepared_backlog + 1)
+            self.note_backlog([position_of(x).lag for x in pipe.execute()])
         return self._backlog
 
     def step(self) -> None:
@@ -105,8 +114,9 @@ class PreprocessService(Service):
             # infer writes results when it has run a batch (and read the next): ask again then, not every
             # 20 ms (those questions cost more CPU than the frames at saturation on a two-core box)
             self.stop.wait(max(0.0, self._backlog_at + BACKLOG_POLL_S - time.monotonic()))
-            wait_for_entry(self.r, [self.names.results], BACKLOG_WAIT_S)
-            self._backlog_at = -1.0
+            _, positions = wait_then_ask(self.r, [self.names.results], BACKLOG_WAIT_S, self.backlog_groups(),
+                                         self.cfg.streams.prepared_backlog + 1)
+            self.note_backlog([p.lag for p in positions])
             return
         entries = self.reader.read()
         if not entries:
@@ -115,7 +125,11 @@ class PreprocessService(Service):
         for entry in entries:
             self.handle(entry, box)
         self.reader.ack(box, [e.id for e in entries])
-        box.commit()
+        groups = self.backlog_groups()  # the next step's question rides with this batch's write
+        for stream, group in groups:
+            ask_position(box.pipe, stream, group, self.cfg.streams.prepared_backlog + 1)
+        replies = box.commit()
+        self.note_backlog([position_of(x).lag for x in replies[len(replies) - len(groups):]])
 
     def reduction(self, frame: Frame, cam: CameraConfig, tasks: list[str]) -> int:
         """How much smaller than the frame libjpeg may decode it for these tasks (1: full size)."""

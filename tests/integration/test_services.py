@@ -163,6 +163,12 @@ def blocked_in_xread(r) -> bool:
     return any(c["cmd"] == "xread" and "b" in c["flags"] for c in r.client_list())
 
 
+def questions(calls: dict[str, int]) -> int:
+    """How often a service asked where a consumer group stands: each question is one XINFO GROUPS, run by
+    ``streams.ask_position``'s script (Redis counts the commands a script runs)."""
+    return calls.get("cmdstat_xinfo", 0)
+
+
 def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis_server, r, prefix, monkeypatch):
     """``on_full: block``: a camera never has more than ``queue`` frames unread and loses none. While all
     cameras wait, one of them waits in Redis for preprocess to write a prepared entry (it writes what it
@@ -189,7 +195,7 @@ def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis
         time.sleep(idle)
         calls = command_calls(r)
         assert calls.get("cmdstat_xadd", 0) == 0
-        assert calls.get("cmdstat_xinfo", 0) <= 1, calls  # every 20 ms would be 50; each camera every 5 ms, 800
+        assert questions(calls) <= 1, calls  # every 20 ms would be 50; each camera every 5 ms, 800
         assert blocked_in_xread(r)
         seen: list[tuple[str, int]] = []
         t0 = time.monotonic()
@@ -248,7 +254,7 @@ def test_preprocess_paused_by_infer_waits_for_its_results_instead_of_polling(red
         time.sleep(1.0)
         calls = command_calls(r)
         assert calls.get("cmdstat_xreadgroup", 0) == 0 and r.xlen(out) == 2  # paused: the frame waits
-        assert calls.get("cmdstat_xinfo", 0) <= 2, calls  # one question, then a wait (every 20 ms: 50)
+        assert 1 <= questions(calls) <= 2, calls  # one question, then a wait (every 20 ms: 50)
         wait_until(lambda: blocked_in_xread(r), 2, "preprocess waits in XREAD")
         r.xreadgroup("infer-classify", "test", {out: ">"}, count=2)  # infer takes its two entries...
         r.xadd(svc.names.results, {"m": b"-"})  # ...and writes its results
@@ -258,4 +264,41 @@ def test_preprocess_paused_by_infer_waits_for_its_results_instead_of_polling(red
     finally:
         svc.stop.set()
         worker.join(timeout=10)
+        svc.close()
+
+
+def test_preprocess_learns_infers_backlog_from_its_own_write(redis_server, r, prefix, monkeypatch):
+    """The question "is infer behind?" rides in the transaction that writes a batch, so preprocess asks no
+    separate one while frames flow, and the batch that fills infer's backlog pauses it at once: with the
+    20 ms re-ask stretched to a minute, the third frame still waits (an answer from before the writes
+    would have let it through)."""
+    from services.preprocess import service as pre
+    from shared.imaging import encode
+    from shared.messages import Frame
+
+    monkeypatch.setattr(pre, "BACKLOG_CHECK_S", 60.0)
+    monkeypatch.setattr(pre, "BACKLOG_WAIT_S", 0.05)
+    cfg = config(redis_server, prefix, cameras=[{"id": "c1", "source": "synthetic://process", "tasks": ["classify"]}],
+                 streams={"prepared_backlog": 2})
+    svc = pre.PreprocessService(cfg, port=0)
+    svc.setup()
+    out = svc.names.prepared("classify")
+    image = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    enc, data = encode(image)
+    r.config_resetstat()
+    try:
+        for seq in range(3):
+            r.xadd(svc.names.frames, {"m": Frame(camera="c1", seq=seq, ts=time.time_ns(), enc=enc, shape=image.shape,
+                                                 dtype="uint8", data=data).to_msgpack(), "cam": "c1"})
+            svc.step()
+        assert r.xlen(out) == 2 and svc.backlogged()
+        calls = command_calls(r)
+        # one question before the first batch, one in each batch's transaction, one after the pause's wait
+        assert (calls["cmdstat_exec"], questions(calls), calls["cmdstat_xreadgroup"]) == (2, 4, 2), calls
+        r.xreadgroup("infer-classify", "test", {out: ">"}, count=2)  # infer catches up...
+        r.xadd(svc.names.results, {"m": b"-"})
+        svc.step()  # ...the wait's answer says so...
+        svc.step()  # ...and the third frame goes through
+        assert [Prepared.from_msgpack(f[b"m"]).seq for _, f in r.xrange(out)] == [0, 1, 2]
+    finally:
         svc.close()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 from prometheus_client import REGISTRY
 
 from shared.config import Config
-from shared.streams import (DeadLetters, GroupReader, Names, Outbox, Producer, ensure_group, group_info, group_lag,
-                            publish_stream_metrics, stream_stats)
+from shared.streams import (DeadLetters, GroupReader, Names, Outbox, Position, Producer, ask_position, ensure_group,
+                            group_info, group_lag, group_position, parse_id, position_of, publish_stream_metrics,
+                            stream_stats, wait_then_ask)
 from tests.conftest import command_calls
 
 GROUP = Names.PREPROCESS
@@ -202,6 +204,31 @@ def test_group_lag_counts_undelivered(r, names):
     assert group_lag(r, names.frames, GROUP, limit=1) == 1  # the count is capped
     info = group_info(r, names.frames, GROUP)
     assert (info["name"], info["pending"], info["last-delivered-id"]) == (GROUP, 2, ids[1])
+    assert group_position(r, names.frames, GROUP) == Position(parse_id(ids[1]), 2)
+    assert group_position(r, names.frames, "nobody") == Position((0, 0), 4)  # no such group: all of it waits
+
+
+def test_a_position_rides_in_a_transaction_and_after_a_wait(r, names):
+    """``ask_position`` is a script that never fails, so it can share a MULTI with writes (a missing stream
+    answers 0 rather than failing the transaction); ``wait_then_ask`` answers after the wait's entry."""
+    rd = reader(r, names, "worker-1", count=1)
+    box = Outbox(r)
+    Producer(r, names.frames).add(b"a", cam="kiln-1", box=box)
+    ask_position(box.pipe, names.frames, GROUP)
+    ask_position(box.pipe, names.prepared("nothing"), GROUP)
+    _id, here, missing = box.commit()
+    assert (position_of(here), position_of(missing)) == (Position((0, 0), 1), Position((0, 0), 0))
+    assert wait_then_ask(r, [names.results], 0.05, [(names.frames, GROUP)]) == (False, [Position((0, 0), 1)])
+    (entry,) = rd.read()
+
+    def later():
+        time.sleep(0.2)
+        r.xadd(names.results, {"m": b"r"})
+
+    threading.Thread(target=later).start()
+    t0 = time.monotonic()
+    came, (pos,) = wait_then_ask(r, [names.results], 3.0, [(names.frames, GROUP)])
+    assert came and time.monotonic() - t0 < 2.0 and pos == Position(parse_id(entry.id), 0)
 
 
 def test_stream_stats_rows(r, names):
