@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -119,8 +121,10 @@ def run_pipeline(args) -> dict:
     log = open(work / "up.log", "wb+")
     say(f"pipeline: {args.cameras} camera(s) {args.width}x{args.height} JPEG → {args.task} {args.model or args.arch}, "
         f"batch {args.batch}, device {args.device}; log {work / 'up.log'}")
+    # the viewer runs as in a plant, with a token of this run's own (else `up` would write one into ~/.config)
+    env = {**os.environ, "PLANTSIGHT_VIEWER_TOKEN": secrets.token_urlsafe(24)}
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", str(work / "bench.yaml")],
-                          stdout=log, stderr=subprocess.STDOUT)
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
     results = "bench:results"
     try:
         deadline = time.monotonic() + 300

@@ -11,9 +11,9 @@ import pytest
 from tests.conftest import ROOT, env_without_plantsight
 
 
-def bench(*args: str, timeout: float = 240) -> dict:
+def bench(*args: str, timeout: float = 240, env: dict | None = None) -> dict:
     done = subprocess.run([sys.executable, "-m", "services.cli", "bench", *args], cwd=ROOT,
-                          env=env_without_plantsight(), capture_output=True, text=True, timeout=timeout)
+                          env=env or env_without_plantsight(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bench:" in done.stderr  # progress goes to stderr, stdout is only the JSON
     return json.loads(done.stdout)
@@ -38,8 +38,11 @@ def test_engines_measures_every_engine_beside_eager():
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path):
+    home = tmp_path / "config"  # where `plantsight up` would keep a viewer token it made
     out = bench("pipeline", "--arch", "simple_cnn", "--cameras", "2", "--seconds", "3", "--warmup", "1",
-                "--model-seconds", "0.5", "--width", "320", "--height", "240", "--decode", "infer", timeout=380)
+                "--model-seconds", "0.5", "--width", "320", "--height", "240", "--decode", "infer", timeout=380,
+                env={**env_without_plantsight(), "XDG_CONFIG_HOME": str(home)})
+    assert not home.exists()  # the benchmark's viewer gets a token of the run's own; nothing lands in ~/.config
     keys = ["pipeline_fps", "model_fps", "ratio", "p50_ms", "p95_ms", "p99_ms"]
     assert list(out)[:6] == keys and all(out[k] is not None for k in keys)
     assert out["results_in_window"] > 0 and out["dropped"] == {}
