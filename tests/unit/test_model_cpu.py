@@ -18,9 +18,16 @@ def burn(seconds: float) -> None:
         sum(range(1000))
 
 
-def test_native_thread_cpu_counts_torch_workers_and_not_python_threads():
-    if torch.get_num_threads() < 2:
-        pytest.skip("torch runs on one thread here: it has no worker threads to count")
+@pytest.fixture
+def two_torch_threads():
+    """torch with one worker thread beside the caller's (an earlier test may have set one thread)."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(was)
+
+
+def test_native_thread_cpu_counts_torch_workers_and_not_python_threads(two_torch_threads):
     before = native_thread_cpu_s()
     worker = threading.Thread(target=burn, args=(0.3,))
     worker.start()
