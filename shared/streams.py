@@ -97,23 +97,32 @@ def group_info(r: redis.Redis, stream: str, group: str) -> dict | None:
     return _find_group(groups, group)
 
 
+# The one reading of XINFO GROUPS inside Redis, for the scripts below: the fields of ``name``'s entry, nil
+# without that group, false without the stream.
+_GROUP_LUA = """
+local function group_of(key, name)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', key)
+  if not ok then return false end
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == name then return info end
+  end
+  return nil
+end
+"""
+
 # Where a consumer group stands, as {last-delivered-id, lag}, in one command that never fails: a script, so
 # that it can ride in a pipeline or a MULTI beside other work. Without a stream: {"0-0", 0}; without the
 # group: everything is undelivered. Where XINFO has no ``lag`` (Redis 6.2; 7.x after a deletion) it counts
 # the entries after last-delivered-id inside Redis (only the count crosses the network), capped at ARGV[2].
-_POSITION = """
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if not ok then return {'0-0', 0} end
-for _, g in ipairs(groups) do
-  local info = {}
-  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-  if info['name'] == ARGV[1] then
-    local last = info['last-delivered-id']
-    if info['lag'] then return {last, info['lag']} end
-    return {last, #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])}
-  end
-end
-return {'0-0', redis.call('XLEN', KEYS[1])}
+_POSITION = _GROUP_LUA + """
+local info = group_of(KEYS[1], ARGV[1])
+if info == false then return {'0-0', 0} end
+if info == nil then return {'0-0', redis.call('XLEN', KEYS[1])} end
+local last = info['last-delivered-id']
+if info['lag'] then return {last, info['lag']} end
+return {last, #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])}
 """
 
 
@@ -166,17 +175,10 @@ def wait_then_ask(r: redis.Redis, streams: list[str], timeout_s: float, groups: 
     return bool(came), [position_of(x) for x in replies]
 
 
-_DROP_IF_UNDELIVERED = """
-local ld = '0-0'
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if not ok then return 0 end
-for _, g in ipairs(groups) do
-  local name, last
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
-  end
-  if name == ARGV[2] then ld = last end
-end
+_DROP_IF_UNDELIVERED = _GROUP_LUA + """
+local info = group_of(KEYS[1], ARGV[2])
+if info == false then return 0 end
+local ld = info and info['last-delivered-id'] or '0-0'
 local ams, aseq = string.match(ARGV[1], '^(%d+)-(%d+)$')
 local bms, bseq = string.match(ld, '^(%d+)-(%d+)$')
 ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)

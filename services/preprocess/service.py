@@ -94,6 +94,13 @@ class PreprocessService(Service):
     def backlog_groups(self) -> list[tuple[str, str]]:
         return [(self.names.prepared(t), Names.infer_group(t)) for t in self.tasks]
 
+    def ask_backlog(self, pipe) -> int:
+        """Queue the question "how far behind is each infer group?" in ``pipe``; how many replies it adds."""
+        groups = self.backlog_groups()
+        for stream, group in groups:
+            ask_position(pipe, stream, group, self.cfg.streams.prepared_backlog + 1)
+        return len(groups)
+
     def note_backlog(self, lags: list[int]) -> None:
         """Whether an infer group lags ``prepared_backlog`` entries, from positions just asked."""
         self._backlog = any(lag >= self.cfg.streams.prepared_backlog for lag in lags)
@@ -104,8 +111,7 @@ class PreprocessService(Service):
         batch's write or wait, asked anew when it is older than 20 ms."""
         if time.monotonic() - self._backlog_at >= BACKLOG_CHECK_S:
             pipe = self.r.pipeline(transaction=False)
-            for stream, group in self.backlog_groups():
-                ask_position(pipe, stream, group, self.cfg.streams.prepared_backlog + 1)
+            self.ask_backlog(pipe)
             self.note_backlog([position_of(x).lag for x in pipe.execute()])
         return self._backlog
 
@@ -125,11 +131,9 @@ class PreprocessService(Service):
         for entry in entries:
             self.handle(entry, box)
         self.reader.ack(box, [e.id for e in entries])
-        groups = self.backlog_groups()  # the next step's question rides with this batch's write
-        for stream, group in groups:
-            ask_position(box.pipe, stream, group, self.cfg.streams.prepared_backlog + 1)
+        asked = self.ask_backlog(box.pipe)  # the next step's question rides with this batch's write
         replies = box.commit()
-        self.note_backlog([position_of(x).lag for x in replies[len(replies) - len(groups):]])
+        self.note_backlog([position_of(x).lag for x in replies[len(replies) - asked:]])
 
     def reduction(self, frame: Frame, cam: CameraConfig, tasks: list[str]) -> int:
         """How much smaller than the frame libjpeg may decode it for these tasks (1: full size)."""

@@ -264,8 +264,11 @@ def test_stream_metrics_ask_only_about_the_service_streams(r, names):
     assert rows == [{"stream": names.frames, "group": "preprocess", "length": 3, "lag": 2, "pending": 1},
                     {"stream": names.alerts, "group": None, "length": 0, "lag": None, "pending": None}]
     calls = command_calls(r)
-    assert (calls.get("cmdstat_xlen"), calls.get("cmdstat_xinfo")) == (2, 1), calls
-    assert calls.keys() <= {"cmdstat_xlen", "cmdstat_xinfo", "cmdstat_info", "cmdstat_config"}, calls
+    if int(r.info("server")["redis_version"].split(".")[0]) >= 7:
+        assert (calls.get("cmdstat_xlen"), calls.get("cmdstat_xinfo")) == (2, 1), calls
+        assert calls.keys() <= {"cmdstat_xlen", "cmdstat_xinfo", "cmdstat_info", "cmdstat_config"}, calls
+    else:  # 6.2 reports no lag: one more question (the script) counts it
+        assert (calls.get("cmdstat_xlen"), calls.get("cmdstat_xinfo"), calls.get("cmdstat_eval")) == (2, 2, 1), calls
     lag = REGISTRY.get_sample_value("plantsight_consumer_lag", {"stream": names.frames, "group": "preprocess"})
     assert (lag, REGISTRY.get_sample_value("plantsight_stream_length", {"stream": names.frames})) == (2, 3)
 
