@@ -112,17 +112,19 @@ local function group_of(key, name)
 end
 """
 
-# Where a consumer group stands, as {last-delivered-id, lag}, in one command that never fails: a script, so
-# that it can ride in a pipeline or a MULTI beside other work. Without a stream: {"0-0", 0}; without the
-# group: everything is undelivered. Where XINFO has no ``lag`` (Redis 6.2; 7.x after a deletion) it counts
-# the entries after last-delivered-id inside Redis (only the count crosses the network), capped at ARGV[2].
+# Where a consumer group stands, as {last-delivered-id, lag, lag-is-a-floor}, in one command that never fails:
+# a script, so that it can ride in a pipeline or a MULTI beside other work. Without a stream: {"0-0", 0};
+# without the group: everything is undelivered. Where XINFO has no ``lag`` (Redis 6.2; 7.x after a deletion)
+# it counts the entries after last-delivered-id inside Redis (only the count crosses the network), up to
+# ARGV[2]; a count that reaches it is only a floor (the third element says so).
 _POSITION = _GROUP_LUA + """
 local info = group_of(KEYS[1], ARGV[1])
 if info == false then return {'0-0', 0} end
 if info == nil then return {'0-0', redis.call('XLEN', KEYS[1])} end
 local last = info['last-delivered-id']
 if info['lag'] then return {last, info['lag']} end
-return {last, #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])}
+local counted = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])
+return {last, counted, counted >= tonumber(ARGV[2]) and 1 or 0}
 """
 
 
@@ -132,6 +134,7 @@ class Position:
 
     delivered: tuple[int, int]  # last-delivered-id, as (ms, seq)
     lag: int  # entries not yet delivered to it
+    at_least: bool = False  # Redis did not say and the count stopped at its limit: there may be more
 
 
 def ask_position(target, stream: str, group: str, limit: int = 10000):
@@ -141,7 +144,7 @@ def ask_position(target, stream: str, group: str, limit: int = 10000):
 
 
 def position_of(reply) -> Position:
-    return Position(parse_id(_s(reply[0])), int(reply[1]))
+    return Position(parse_id(_s(reply[0])), int(reply[1]), len(reply) > 2 and bool(reply[2]))
 
 
 def group_position(r: redis.Redis, stream: str, group: str, limit: int = 10000) -> Position:

@@ -16,7 +16,7 @@ import redis
 
 from shared.config import Config
 from shared.messages import Alert
-from shared.streams import Names, group_lag
+from shared.streams import Names, group_position
 
 from services.alerting.state import FIRE, RESOLVE, EpisodeStore, Lifecycle, advance
 
@@ -109,9 +109,10 @@ class CameraHealth:
             return []
         out: list[Alert] = []
         for stream, group in self.groups():
-            lag = group_lag(r, stream, group, limit=max(bound + 1, 1))
-            hit = lag > bound
-            msg = (f"consumer group {group} lags {lag} entries behind {stream}" if hit
+            pos = group_position(r, stream, group, limit=max(bound + 1, 1))  # past the bound, the count may stop
+            lag, hit = pos.lag, pos.lag > bound
+            how_many = f"at least {lag}" if pos.at_least else f"{lag}"
+            msg = (f"consumer group {group} lags {how_many} entries behind {stream}" if hit
                    else f"consumer group {group} has caught up on {stream}")
             out += self._observe(LAG, PIPELINE, hit, lag, bound, msg, scope=group, life=self.lag_life,
                                  labels={"stream": stream, "group": group})

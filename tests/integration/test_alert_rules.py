@@ -235,7 +235,10 @@ def test_pipeline_health_consumer_lag_and_dead_letters(redis_server, r, prefix, 
         return [(a.rule, a.state, a.camera, a.task, a.value, a.threshold, a.labels.get("group"))
                 for a in stream_alerts(r, svc)]
 
-    assert step() == [("consumer-lag", "firing", "pipeline", "pipeline", 8.0, 5.0, "infer-thermal"),
+    # Redis 7 says the lag (8); 6.2 does not, and the check counts no further than one past its bound
+    said = int(r.info("server")["redis_version"].split(".")[0]) >= 7
+    lag = 8.0 if said else 6.0
+    assert step() == [("consumer-lag", "firing", "pipeline", "pipeline", lag, 5.0, "infer-thermal"),
                       ("deadletter-growing", "firing", "pipeline", "pipeline", 3.0, 3.0, None)]
     assert step()[2:] == []  # still lagging, still growing: no second alert
     entries = r.xreadgroup("infer-thermal", "w", {stream: ">"}, count=100)[0][1]
@@ -245,7 +248,7 @@ def test_pipeline_health_consumer_lag_and_dead_letters(redis_server, r, prefix, 
                           ("deadletter-growing", "resolved", "pipeline", "pipeline", 0.0, 3.0, None)]
     got = stream_alerts(r, svc)
     assert got[2].labels["episode"] == got[0].id and got[3].labels["episode"] == got[1].id
-    assert "infer-thermal lags 8 entries" in got[0].message
+    assert ("infer-thermal lags 8 entries" if said else "infer-thermal lags at least 6 entries") in got[0].message
 
 
 def test_ack_endpoint_needs_the_operator_token(redis_server, r, prefix, tmp_path, monkeypatch):

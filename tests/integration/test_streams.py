@@ -202,6 +202,8 @@ def test_group_lag_counts_undelivered(r, names):
     assert producer.drop_if_undelivered(ids[3], GROUP) == 1
     assert group_lag(r, names.frames, GROUP) == 2
     assert group_lag(r, names.frames, GROUP, limit=1) == 1  # the count is capped
+    assert group_position(r, names.frames, GROUP, limit=2).at_least  # a count that reaches its limit is a floor
+    assert not group_position(r, names.frames, GROUP, limit=3).at_least
     info = group_info(r, names.frames, GROUP)
     assert (info["name"], info["pending"], info["last-delivered-id"]) == (GROUP, 2, ids[1])
     assert group_position(r, names.frames, GROUP) == Position(parse_id(ids[1]), 2)
