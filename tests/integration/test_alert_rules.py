@@ -20,7 +20,7 @@ from shared.data.synthetic import make_scene
 from shared.imaging import encode
 from shared.messages import Alert, Frame, Result
 from shared.streams import group_lag
-from tests.conftest import ROOT, env_without_plantsight, free_port
+from tests.conftest import ROOT, env_without_plantsight, free_port, redis_major
 
 NS = 1_000_000_000
 T0 = 1_800_000_000 * NS  # capture times of the synthetic results
@@ -236,7 +236,7 @@ def test_pipeline_health_consumer_lag_and_dead_letters(redis_server, r, prefix, 
                 for a in stream_alerts(r, svc)]
 
     # Redis 7 says the lag (8); 6.2 does not, and the check counts no further than one past its bound
-    said = int(r.info("server")["redis_version"].split(".")[0]) >= 7
+    said = redis_major(r) >= 7
     lag = 8.0 if said else 6.0
     assert step() == [("consumer-lag", "firing", "pipeline", "pipeline", lag, 5.0, "infer-thermal"),
                       ("deadletter-growing", "firing", "pipeline", "pipeline", 3.0, 3.0, None)]
