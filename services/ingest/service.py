@@ -254,15 +254,18 @@ class IngestService(Service):
         """The last answer, without asking Redis."""
         return self._delivered
 
-    def _refresh(self, position: Position | None = None) -> None:  # holding the lock
-        """Take preprocess's position (asked of Redis now unless given) and wake the cameras if it moved."""
+    def _refresh(self, position: Position | None = None) -> bool:  # holding the lock
+        """Take preprocess's position (asked of Redis now unless given) and wake the cameras if it moved;
+        says whether it moved."""
         if position is None:
             position = group_position(self.r, self.names.frames, Names.PREPROCESS, limit=1)
         new = position.delivered
         self._delivered_at = time.monotonic()
-        if new != self._delivered:
-            self._delivered = new
-            self._delivered_lock.notify_all()
+        if new == self._delivered:
+            return False
+        self._delivered = new
+        self._delivered_lock.notify_all()
+        return True
 
     def wait_delivered(self, oldest: tuple[int, int]) -> None:
         """A blocked camera waits until preprocess has read its ``oldest`` waiting frame (or briefly, on stop).
@@ -289,7 +292,11 @@ class IngestService(Service):
                                                [(self.names.frames, Names.PREPROCESS)], limit=1)
             with self._delivered_lock:
                 self._polling = False  # first, so that a camera this wakes that is still blocked polls next
-                self._refresh(position)  # wakes the sleeping cameras when it moved
+                if not self._refresh(position):  # it wakes the sleeping cameras when the position moved;
+                    # when it did not (or another camera's question already saw the move), one sleeping
+                    # camera takes over the asking: this one may not ask again (its frames may be through,
+                    # or its camera ended), and without a poller the rest would sleep to their timeout.
+                    self._delivered_lock.notify()
             handed_over = True
         finally:
             if not handed_over:  # Redis failed us: let another camera poll

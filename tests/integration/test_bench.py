@@ -23,7 +23,8 @@ def test_transport_compares_the_codec_hop_with_a_bare_redis_py_loop_in_one_run()
     out = bench("transport", "--shape", "32", "32", "3", "--seconds", "0.4")
     assert out["mode"] == "transport" and out["frame_bytes"] == 32 * 32 * 3
     assert out["plantsight_fps"] > 0 and out["bare_fps"] > 0
-    assert out["overhead"] == round(out["bare_fps"] / out["plantsight_fps"], 3)
+    # overhead is worked out from the unrounded medians: the printed fps (to 0.1) give it to within 0.001
+    assert out["overhead"] == pytest.approx(out["bare_fps"] / out["plantsight_fps"], abs=1e-3)
     assert {"redis_server", "torch", "python"} <= set(out["versions"])
 
 

@@ -222,6 +222,36 @@ def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis
     assert sorted(seen) == [(f"c{i}", s) for i in range(4) for s in range(n)]
 
 
+def test_a_blocked_camera_takes_over_the_asking_when_the_poller_hands_over_without_news(redis_server, r, prefix,
+                                                                                        monkeypatch):
+    """The blocked camera that asks Redis for all of them hands over after its wait; when preprocess has not
+    moved (or another camera's question already saw it move) one sleeping camera must take over the asking
+    at once: the poller may not ask again (its frames may be through, its camera may have ended), and a
+    sleeper left to its own timeout stalled its camera for twice ``BLOCKED_WAIT_S`` with nobody asking (CI
+    saw the test above time out so)."""
+    from services.ingest import service as ingest
+    from shared.streams import Names, ensure_group
+
+    monkeypatch.setattr(ingest, "BLOCKED_WAIT_S", 2.0)  # the poller's wait; a sleeper's own timeout is 4 s
+    cams = [{"id": "c0", "source": "synthetic://process?w=64&h=48", "tasks": ["classify"]}]
+    svc = ingest.IngestService(config(redis_server, prefix, cameras=cams), port=0)
+    ensure_group(r, svc.names.frames, Names.PREPROCESS)  # as setup does, without starting the camera
+    far = (2**62, 0)  # a frame preprocess never reaches
+    poller = threading.Thread(target=svc.wait_delivered, args=(far,), daemon=True)
+    poller.start()
+    wait_until(lambda: blocked_in_xread(r), 5, "the first camera waits in XREAD")
+    sleeper_back = threading.Event()
+    sleeper = threading.Thread(target=lambda: (svc.wait_delivered(far), sleeper_back.set()), daemon=True)
+    sleeper.start()  # sees a poller, so it sleeps on the condition
+    poller.join(timeout=10)
+    assert not poller.is_alive()
+    assert not blocked_in_xread(r)
+    assert sleeper_back.wait(1.0), "the sleeping camera was not woken to take over the asking"
+    assert svc.known_delivered() == (0, 0)  # nothing was read: the position did not move
+    sleeper.join(timeout=10)
+    svc.stop.set()
+
+
 def test_preprocess_paused_by_infer_waits_for_its_results_instead_of_polling(redis_server, r, prefix, monkeypatch):
     """preprocess pauses while infer lags ``prepared_backlog`` entries; it then waits in Redis for infer's
     next results rather than asking every 20 ms, and resumes as soon as they are written (with
