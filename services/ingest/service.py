@@ -272,7 +272,8 @@ class IngestService(Service):
 
         One blocked camera at a time waits for preprocess to write a prepared entry (it writes what it
         has just read), then asks Redis where preprocess is; the others sleep on the condition and wake
-        when the answer moves. Without a write it asks every ``BLOCKED_WAIT_S``, and never more often than
+        when the answer moves, or one of them when the asker hands over without news (it takes over the
+        asking). Without a write it asks every ``BLOCKED_WAIT_S``, and never more often than
         every ``BLOCKED_POLL_S``. Asking every 20 ms cost more CPU than the frames at saturation on a
         two-core box (and each camera asking every 5 ms far more).
         """
