@@ -305,4 +305,15 @@ def test_a_browser_sees_live_cameras_opens_an_alert_and_acknowledges_it(demo, br
           lambda: "acknowledged by" in browser.find_element(By.ID, "ack-state").text)
     browser.save_screenshot(str(shots / "alert-acknowledged.png"))
     assert demo.get(f"/api/alerts/{alert['id']}").json()["ack"]["by"].startswith("viewer")
+
+    # the evidence clip plays in the snapshot's place (MJPEG): its pictures replace the snapshot's
+    demo.wait_for(lambda: "clip.mp4" in demo.get(f"/api/alerts/{alert['id']}").json()["evidence"], 60,
+                  "the alert's clip")
+    play = browser.find_element(By.ID, "play")
+    _wait("the play button", play.is_displayed)
+    before = snap.screenshot_as_png
+    play.click()
+    _wait("the clip in the snapshot's place", lambda: "/clip.mjpg?play=1" in snap.get_attribute("src")
+          and browser.execute_script(loaded, snap) and snap.screenshot_as_png != before)
+    browser.save_screenshot(str(shots / "alert-clip.png"))
     (shots / "alert.json").write_text(json.dumps(demo.get(f"/api/alerts/{alert['id']}").json(), indent=2))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from services.viewer.auth import COOKIE, Tokens
-from services.viewer.service import SECURITY_HEADERS, ViewerService
+from services.viewer.service import MAX_CLIP_PLAYS, SECURITY_HEADERS, ViewerService
 from shared.config import load_config
 from shared.data.synthetic import make_scene
 from shared.imaging import decode_frame, encode
@@ -341,8 +341,9 @@ class Mjpeg:
         head, _, self.buf = self.buf.partition(marker)
         return head
 
-    def part(self, within: float) -> tuple[str, bytes] | None:
-        """(X-Frame-Id, JPEG) of the next part, or None when none comes within `within` seconds."""
+    def part(self, within: float) -> tuple[str | None, bytes] | None:
+        """(X-Frame-Id, JPEG) of the next part, or None when none comes within `within` seconds; ``meta``
+        keeps the part's headers."""
         deadline = time.monotonic() + within
         head = self._until(b"\r\n\r\n", deadline)
         if head is None:
@@ -356,7 +357,8 @@ class Mjpeg:
                 raise EOFError("the server closed the stream inside a part")
             self.buf += chunk
         body, self.buf = self.buf[:n], self.buf[n + 2:]
-        return meta["X-Frame-Id"], body
+        self.meta = meta
+        return meta.get("X-Frame-Id"), body
 
     def close(self):
         self.sock.close()
@@ -404,3 +406,67 @@ def test_a_frame_that_does_not_decode_does_not_end_the_live_stream(viewer):
     finally:
         live.close()
     assert viewer.get("/api/cameras/press-1/frame.jpg").headers["X-Frame-Id"] == good
+
+
+GREYS = (20, 60, 100, 140, 180, 220)
+
+
+def write_clip(viewer, alert_id: str, fps: float) -> None:
+    """An evidence clip as the alert service writes it (mp4v): one flat grey picture per level in GREYS."""
+    d = viewer.cfg.alerts.evidence_dir / alert_id
+    d.mkdir(parents=True)
+    writer = cv2.VideoWriter(str(d / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (160, 120))
+    assert writer.isOpened()
+    for level in GREYS:
+        writer.write(np.full((120, 160, 3), level, np.uint8))
+    writer.release()
+
+
+def test_an_alert_clip_plays_in_the_browser_as_mjpeg_once_and_in_order(viewer):
+    a = viewer.alert()
+    path = f"/api/alerts/{a.id}/clip.mjpg"
+    assert viewer.get(path).status_code == 404  # no clip written (yet)
+    assert viewer.get(path, token=None).status_code == 401
+    write_clip(viewer, a.id, fps=20)
+    play = Mjpeg(viewer.port, path, READ)
+    try:
+        assert play.status == 200
+        assert play.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=plantsightframe"
+        assert play.headers["Content-Security-Policy"] == CSP
+        seen = []
+        for _ in GREYS:
+            _, jpeg = play.part(5)
+            picture = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert picture.shape == (120, 160, 3)
+            seen.append((int(play.meta["X-Clip-Frame"]), round(float(picture.mean()))))
+        assert [i for i, _ in seen] == list(range(len(GREYS)))
+        assert all(abs(mean - level) <= 6 for (_, mean), level in zip(seen, GREYS)), seen  # YUV rounding: 3-4
+        with pytest.raises(EOFError):  # played once: the stream ends with the clip
+            play.part(5)
+    finally:
+        play.close()
+
+
+def test_at_most_max_clip_plays_clips_play_at_once_and_a_leaving_viewer_frees_its_place(viewer):
+    a = viewer.alert()
+    write_clip(viewer, a.id, fps=1)  # six seconds long
+    path = f"/api/alerts/{a.id}/clip.mjpg"
+    plays = [Mjpeg(viewer.port, path, READ) for _ in range(MAX_CLIP_PLAYS)]
+    try:
+        for play in plays:
+            assert play.part(5) is not None  # each is playing
+        resp = viewer.get(path)
+        assert resp.status_code == 503 and "clips are playing already" in resp.json()["error"]
+    finally:
+        for play in plays:
+            play.close()
+    # the server notices a closed stream at its next picture (one second at 1 fps)
+    deadline = time.monotonic() + 10
+    while viewer.svc._clip_plays and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert viewer.svc._clip_plays == 0
+    again = Mjpeg(viewer.port, path, READ)
+    try:
+        assert again.status == 200 and again.part(5) is not None
+    finally:
+        again.close()

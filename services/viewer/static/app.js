@@ -135,12 +135,18 @@ async function alertPage() {
     const snap = document.getElementById("snapshot");
     if (a.evidence.includes("snapshot.jpg") && !snap.getAttribute("src")) snap.src = `/api/alerts/${id}/snapshot.jpg`;
     const clip = document.getElementById("clip");
-    if (a.evidence.includes("clip.mp4")) { clip.href = `/api/alerts/${id}/clip.mp4`; clip.hidden = false; }
+    if (a.evidence.includes("clip.mp4")) {
+      clip.href = `/api/alerts/${id}/clip.mp4`; clip.hidden = false; document.getElementById("play").hidden = false;
+    }
     document.getElementById("evidence").textContent = a.evidence_json ? JSON.stringify(a.evidence_json, null, 2) : "(not written yet)";
     const btn = document.getElementById("ack");
     document.getElementById("ack-state").textContent = a.ack ? `acknowledged by ${a.ack.by} at ${new Date(a.ack.at * 1000).toLocaleString()}` : "not acknowledged";
     btn.hidden = !(me.role === "operator" && !a.ack);
   };
+  let plays = 0;  // the clip plays in the snapshot's place (MJPEG, once); a new query plays it again
+  document.getElementById("play").addEventListener("click", () => {
+    document.getElementById("snapshot").src = `/api/alerts/${id}/clip.mjpg?play=${++plays}`;
+  });
   document.getElementById("ack").addEventListener("click", async () => {
     await api(`/api/alerts/${id}/ack`, { method: "POST", headers: { "X-Requested-With": "plantsight", "Content-Type": "application/json" }, body: "{}" });
     await show();
