@@ -49,7 +49,14 @@ LIVE_KEEPALIVE_S = 10.0  # the same picture again after this long, so a stream w
 # A same-site path: browsers read "/\\host" and "/<tab>/host" as "//host", another site.
 SAFE_PATH = re.compile(r"/(?![/\\])[^\\\s]*")
 BOUNDARY = "plantsightframe"
+MJPEG_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
 MAX_CLIP_PLAYS = 4  # clips playing at once (each decodes and encodes its own pictures); more get 503
+
+
+def mjpeg_part(jpeg: bytes, header: str, value) -> bytes:
+    """One part of a ``multipart/x-mixed-replace`` MJPEG stream, with one header saying which picture it is."""
+    return (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n"
+            f"{header}: {value}\r\n\r\n").encode() + jpeg + b"\r\n"
 
 
 def _json(data, code: int = 200) -> HttpResponse:
@@ -121,8 +128,7 @@ class ViewerService(Service):
                 got = None
             if got is not None and (got[0] != last or time.monotonic() - sent >= LIVE_KEEPALIVE_S):
                 last, sent = got[0], time.monotonic()
-                yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(got[1])}\r\n"
-                       f"X-Frame-Id: {got[0]}\r\n\r\n").encode() + got[1] + b"\r\n"
+                yield mjpeg_part(got[1], "X-Frame-Id", got[0])
             self.stop.wait(LIVE_PERIOD_S)
 
     def play_clip(self, alert_id: str, file: Path):
@@ -141,8 +147,7 @@ class ViewerService(Service):
                     break
                 ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 80])
                 if ok:
-                    yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n"
-                           f"X-Clip-Frame: {index}\r\n\r\n").encode() + jpeg.tobytes() + b"\r\n"
+                    yield mjpeg_part(jpeg.tobytes(), "X-Clip-Frame", index)
                 index += 1
                 next_t += period
                 self.stop.wait(max(0.0, next_t - time.monotonic()))
@@ -244,8 +249,7 @@ class ViewerService(Service):
                     return _error(404, f"camera {camera!r} has no frame in the stream yet")
                 return HttpResponse(200, got[1], "image/jpeg", {**SECURITY_HEADERS, "X-Frame-Id": got[0]})
             if parts[2:] == ["live.mjpg"]:
-                return HttpResponse(200, self.live(camera), f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-                                    dict(SECURITY_HEADERS))
+                return HttpResponse(200, self.live(camera), MJPEG_TYPE, dict(SECURITY_HEADERS))
             return None
         if parts == ["alerts"]:
             limit = int(q["limit"]) if q.get("limit", "").isdigit() else 200
@@ -272,8 +276,7 @@ class ViewerService(Service):
                     return _error(404, f"alert {alert_id} has no clip.mp4")
                 if self._clip_plays >= MAX_CLIP_PLAYS:
                     return _error(503, f"{MAX_CLIP_PLAYS} clips are playing already: try again, or download clip.mp4")
-                return HttpResponse(200, self.play_clip(alert_id, file),
-                                    f"multipart/x-mixed-replace; boundary={BOUNDARY}", dict(SECURITY_HEADERS))
+                return HttpResponse(200, self.play_clip(alert_id, file), MJPEG_TYPE, dict(SECURITY_HEADERS))
             return None
         if parts == ["streams"]:
             return _json(self.data.streams())
