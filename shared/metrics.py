@@ -51,7 +51,10 @@ def precreate_stage(stage: str, reasons: tuple[str, ...] = ("decode_error", "max
 
 def native_thread_cpu_s() -> float:
     """CPU seconds of this process's threads that Python did not start (torch's intra-op and inter-op
-    workers in infer), from /proc; 0 where there is no /proc."""
+    workers in infer), from /proc; 0 where there is no /proc.
+
+    A Python thread that has just ended (gone from ``threading.enumerate()``, not yet from /proc) counts
+    for that moment; in infer those are the HTTP server's request threads, a few ms of CPU each at most."""
     python = {t.native_id for t in threading.enumerate()}
     ticks = 0
     try:

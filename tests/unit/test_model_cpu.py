@@ -26,11 +26,18 @@ from shared.metrics import native_thread_cpu_s
 from tests.unit.test_model_cpu import burn
 torch.set_num_threads(2)  # torch with one worker thread beside the caller's
 before = native_thread_cpu_s()
-worker = threading.Thread(target=burn, args=(0.3,))
+burnt, leave = threading.Event(), threading.Event()
+def work():
+    burn(0.3)
+    burnt.set()
+    leave.wait()  # alive while it is measured: see native_thread_cpu_s on a thread that has just ended
+worker = threading.Thread(target=work)
 worker.start()
 burn(0.1)  # the main thread is Python's too
-worker.join()
+burnt.wait()
 mid = native_thread_cpu_s()
+leave.set()
+worker.join()
 a = torch.randn(768, 768)
 t0 = time.monotonic()
 while time.monotonic() - t0 < 0.6:
@@ -41,7 +48,9 @@ print(json.dumps({"python_threads": mid - before, "torch": native_thread_cpu_s()
 
 def test_native_thread_cpu_counts_torch_workers_and_not_python_threads():
     """In a process of its own: in the test session, native threads that earlier tests left (ONNX Runtime's,
-    OpenMP's spinning workers) burn CPU of their own while the machine is loaded, and would count here."""
+    OpenMP's spinning workers) burn CPU of their own while the machine is loaded, and would count here.
+    The Python worker is measured while it is alive: one joined a moment before may still be in /proc (CI
+    caught its 0.29 s counted as native on a loaded machine)."""
     done = subprocess.run([sys.executable, "-c", MEASURE], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     cpu = json.loads(done.stdout)
