@@ -151,7 +151,7 @@ class ViewerService(Service):
                 index += 1
                 next_t += period
                 self.stop.wait(max(0.0, next_t - time.monotonic()))
-            if index == 0:
+            if index == 0 and not self.stop.is_set():
                 self.log.warning("alert %s: %s has no picture that decodes", alert_id, file.name)
         finally:
             cap.release()

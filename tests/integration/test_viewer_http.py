@@ -25,7 +25,7 @@ from shared.imaging import decode_frame, encode
 from shared.messages import Alert, Frame, Result
 from shared.overlay import BOX_COLOURS, draw
 from shared.streams import Names, Producer
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 READ = "read-" + secrets.token_hex(16)
 OPERATOR = "oper-" + secrets.token_hex(16)
@@ -461,10 +461,7 @@ def test_at_most_max_clip_plays_clips_play_at_once_and_a_leaving_viewer_frees_it
         for play in plays:
             play.close()
     # the server notices a closed stream at its next picture (one second at 1 fps)
-    deadline = time.monotonic() + 10
-    while viewer.svc._clip_plays and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert viewer.svc._clip_plays == 0
+    wait_until(lambda: viewer.svc._clip_plays == 0, 10, "the closed clip streams to end", poll=0.1)
     again = Mjpeg(viewer.port, path, READ)
     try:
         assert again.status == 200 and again.part(5) is not None
