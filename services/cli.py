@@ -72,7 +72,7 @@ def cmd_streams(args) -> int:
     from shared.streams import Names, connect, stream_stats
 
     cfg = _load(args)
-    names = Names(cfg.redis.prefix)
+    names = Names.for_config(cfg)
     rows = stream_stats(connect(cfg.redis), names, cfg.tasks())
     if args.json:
         print(json.dumps({"streams": rows}))

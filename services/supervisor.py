@@ -163,6 +163,8 @@ class Supervisor:
         self.stop = threading.Event()
         used = {cfg.port(s) for s in cfg.services}
         for name in PIPELINE:
+            if name == "preprocess" and cfg.inference.read_from == "frames":
+                continue  # infer reads the frames itself
             port = cfg.port(name)
             for replica in range(cfg.services[name].replicas):
                 if replica:  # extra replicas take the next free ports

@@ -167,6 +167,10 @@ class InferenceConfig(Strict):
     decode: Literal["preprocess", "infer"] = Field(
         "preprocess", description="infer: preprocess routes the JPEG bytes and infer decodes+resizes the batch on "
                                   "its device (torchvision.io.decode_jpeg on CUDA)")
+    read_from: Literal["prepared", "frames"] = Field(
+        "prepared", description="frames: infer reads {P}:frames itself (group infer-<task>) and does preprocess's "
+                                "work in its reader thread, JPEG decoded there: no preprocess process, one Redis "
+                                "hop and one copy of each frame fewer")
     model_poll_s: float = Field(2.0, ge=0, description="how often infer looks for a new model version (0: never)")
 
 

@@ -201,7 +201,7 @@ class Service:
         self.replica = replica
         self.port = cfg.port(self.name) if port is None else port
         self.consumer = f"{self.name}-{os.uname().nodename}-{os.getpid()}"
-        self.names = Names(cfg.redis.prefix)
+        self.names = Names.for_config(cfg)
         self.stop = threading.Event()
         self.log = logging.getLogger(f"plantsight.{self.name}")
         self.r = connect(cfg.redis)

@@ -22,10 +22,15 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
 
 
 class Names:
-    """Stream and group names for one prefix."""
+    """Stream and group names for one prefix.
 
-    def __init__(self, prefix: str):
+    ``infer_reads_frames`` (``inference.read_from: frames``): infer's group of each task reads ``{P}:frames``
+    itself and the ``prepared`` streams are not used; otherwise preprocess's group reads it.
+    """
+
+    def __init__(self, prefix: str, infer_reads_frames: bool = False):
         self.prefix = prefix
+        self.infer_reads_frames = infer_reads_frames
         self.frames = f"{prefix}:frames"
         self.results = f"{prefix}:results"
         self.alerts = f"{prefix}:alerts"
@@ -41,10 +46,24 @@ class Names:
     PREPROCESS = "preprocess"
     ALERT = "alert"
 
+    @classmethod
+    def for_config(cls, cfg: Config) -> "Names":
+        return cls(cfg.redis.prefix, infer_reads_frames=cfg.inference.read_from == "frames")
+
+    def frame_groups(self, tasks: Iterable[str]) -> list[str]:
+        """The consumer groups that read ``{P}:frames``, in a stable order."""
+        return [self.infer_group(t) for t in sorted(tasks)] if self.infer_reads_frames else [self.PREPROCESS]
+
+    def frame_readers_write(self, tasks: Iterable[str]) -> list[str]:
+        """The streams the readers of ``{P}:frames`` write what they have read into."""
+        return [self.results] if self.infer_reads_frames else [self.prepared(t) for t in sorted(tasks)]
+
     def all(self, tasks: Iterable[str]) -> list[tuple[str, str | None]]:
         """(stream, group) of every stream a pipeline with these tasks uses."""
-        out = [(self.frames, self.PREPROCESS)]
-        out += [(self.prepared(t), self.infer_group(t)) for t in tasks]
+        tasks = list(tasks)
+        out: list[tuple[str, str | None]] = [(self.frames, g) for g in self.frame_groups(tasks)]
+        if not self.infer_reads_frames:
+            out += [(self.prepared(t), self.infer_group(t)) for t in tasks]
         out += [(self.results, self.ALERT), (self.alerts, None), (self.deadletter, None)]
         return out
 
@@ -178,15 +197,19 @@ def wait_then_ask(r: redis.Redis, streams: list[str], timeout_s: float, groups: 
     return bool(came), [position_of(x) for x in replies]
 
 
+# Deletes entry ARGV[1] if none of the groups ARGV[2..] has read it yet (0 without the stream).
 _DROP_IF_UNDELIVERED = _GROUP_LUA + """
-local info = group_of(KEYS[1], ARGV[2])
-if info == false then return 0 end
-local ld = info and info['last-delivered-id'] or '0-0'
 local ams, aseq = string.match(ARGV[1], '^(%d+)-(%d+)$')
-local bms, bseq = string.match(ld, '^(%d+)-(%d+)$')
-ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
-if ams > bms or (ams == bms and aseq > bseq) then return redis.call('XDEL', KEYS[1], ARGV[1]) end
-return -1
+ams, aseq = tonumber(ams), tonumber(aseq)
+for i = 2, #ARGV do
+  local info = group_of(KEYS[1], ARGV[i])
+  if info == false then return 0 end
+  local ld = info and info['last-delivered-id'] or '0-0'
+  local bms, bseq = string.match(ld, '^(%d+)-(%d+)$')
+  bms, bseq = tonumber(bms), tonumber(bseq)
+  if not (ams > bms or (ams == bms and aseq > bseq)) then return -1 end
+end
+return redis.call('XDEL', KEYS[1], ARGV[1])
 """
 
 
@@ -217,9 +240,10 @@ class Producer:
         out = target.xadd(self.stream, self.fields(payload, cam, task), **kw)
         return None if box is not None else _s(out)
 
-    def drop_if_undelivered(self, entry_id: str, group: str) -> int:
-        """Atomically delete an entry the group has not read yet: 1 deleted, 0 gone already, -1 delivered."""
-        return int(self._drop(keys=[self.stream], args=[entry_id, group]))
+    def drop_if_undelivered(self, entry_id: str, groups: list[str]) -> int:
+        """Atomically delete an entry none of ``groups`` has read yet: 1 deleted, 0 gone already, -1 delivered
+        (to one of them at least)."""
+        return int(self._drop(keys=[self.stream], args=[entry_id, *groups]))
 
 
 @dataclass

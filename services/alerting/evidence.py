@@ -88,7 +88,7 @@ class EvidenceStore:
 
     def __init__(self, cfg: Config, r: redis.Redis):
         self.cfg, self.r = cfg, r
-        self.names = Names(cfg.redis.prefix)
+        self.names = Names.for_config(cfg)
         self.root = Path(cfg.alerts.evidence_dir)
         self.config_hash = config_sha256(cfg)
         self._clips: dict[str, tuple[Clip, dict]] = {}

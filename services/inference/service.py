@@ -8,6 +8,12 @@ their inputs are written in one MULTI. A batch that makes the model fail is retr
 frame that fails alone stays pending and is dead-lettered by the reader once it has been delivered
 ``max_deliveries`` times. A new model version is loaded and warmed beside the running one and switched
 in between two batches (``swap.py``).
+
+With ``inference.read_from: frames`` infer reads ``{P}:frames`` itself, in group ``infer-<task>``, and its
+reader thread does preprocess's work for the frames of the cameras that feed the task
+(``services/preprocess/prepare.py``; 8-bit colour JPEGs are decoded with the batch, as with ``decode:
+infer``); frames of other cameras are acknowledged and left alone. No preprocess process runs, and each
+frame makes one Redis hop and one copy fewer.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 
 from shared import metrics
-from shared.messages import DecodeError, Prepared, Result
+from shared.messages import DecodeError, Frame, Prepared, Result
 from shared.models import Predictor
 from shared.runtime import Service, keep_tensor_heap
 from shared.streams import DeadLetters, Entry, GroupReader, Names, Outbox, Producer, ensure_group
@@ -29,6 +35,7 @@ from services.inference.batcher import Batch, Batcher, BufferPool, collect
 from services.inference.engine import EngineOptions, build_engine
 from services.inference.jpeg import DeviceDecoder, decode_prepared
 from services.inference.postprocess import to_original
+from services.preprocess.prepare import Preparer
 
 STAGE = "infer"
 
@@ -88,11 +95,16 @@ class InferService(Service):
         self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
         self.results = Producer(self.r, self.names.results, maxlen=s.results_maxlen)
         self.runners: list[TaskRunner] = []
+        # read_from: frames: preprocess's work, done here (a frame nobody can read is dead-lettered by the first
+        # task's group only; the others acknowledge it)
+        self.preparer = Preparer(cfg, "preprocess", route_jpeg=True) if self.names.infer_reads_frames else None
+        self.first_task = sorted(cfg.tasks())[0]
         for task in tasks or cfg.tasks():
             spec = cfg.model(task)
             predictor = load_predictor(task, path=str(spec.path) if spec.path else None, arch=spec.arch,
                                        device=self.device, inf=inf)
-            reader = GroupReader(self.r, self.names.prepared(task), Names.infer_group(task), self.consumer,
+            source = self.names.frames if self.preparer else self.names.prepared(task)
+            reader = GroupReader(self.r, source, Names.infer_group(task), self.consumer,
                                  dead=self.dead, count=inf.max_batch, block_ms=s.read_block_ms,
                                  claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries,
                                  max_bytes=s.max_message_bytes)
@@ -102,7 +114,7 @@ class InferService(Service):
             metrics.BATCH_SIZE.labels(task=task)
             metrics.END_TO_END.labels(task=task)
             self.log.info("%s: %s on %s (engine %s)", task, predictor.name, self.device, predictor.engine)
-        metrics.precreate_stage(STAGE, ("decode_error", "max_deliveries", "oversized", "wrong_shape"))
+        metrics.precreate_stage(STAGE, ("decode_error", "max_deliveries", "oversized", "wrong_shape", "unknown_camera"))
         for cam in cfg.cameras:
             metrics.precreate_camera(cam.id, (STAGE,))
             metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="stale")
@@ -149,6 +161,8 @@ class InferService(Service):
 
     def decode(self, run: TaskRunner, entries: list[Entry], box: Outbox) -> list[tuple[Entry, Prepared]]:
         """Valid prepared messages of this task; the rest are dead-lettered (in ``box``) or dropped as stale."""
+        if self.preparer is not None:
+            return self.prepare_frames(run, entries, box)
         size = run.predictor.input_size()
         good = []
         for e in entries:
@@ -168,6 +182,41 @@ class InferService(Service):
                 box.on_commit(lambda c=msg.camera: metrics.DROPPED.labels(camera=c, stage=STAGE, reason="stale").inc())
                 continue
             good.append((e, msg))
+        return good
+
+    def prepare_frames(self, run: TaskRunner, entries: list[Entry], box: Outbox) -> list[tuple[Entry, Prepared]]:
+        """``read_from: frames``: the prepared message of each frame of a camera that feeds this task (what
+        preprocess would have written); frames of other cameras are acknowledged (in ``box``), stale ones
+        dropped, and the rest dead-lettered."""
+        good, others = [], []
+        for e in entries:
+            t0 = time.perf_counter()
+            try:
+                frame = Frame.from_msgpack(e.payload, self.cfg.streams.max_message_bytes)
+                cam = self.cameras.get(frame.camera)
+                if cam is None:
+                    raise LookupError(f"camera {frame.camera!r} is not configured")
+            except (DecodeError, LookupError) as err:
+                if run.task == self.first_task:
+                    reason = "unknown_camera" if isinstance(err, LookupError) else "decode_error"
+                    run.reader.reject(box, e, reason, str(err.args[0]))
+                else:
+                    others.append(e.id)
+                continue
+            if run.task not in cam.tasks:
+                others.append(e.id)
+                continue
+            if cam.max_age_ms and (time.time_ns() - frame.ts) / 1e6 > cam.max_age_ms:
+                others.append(e.id)
+                box.on_commit(lambda c=cam.id: metrics.DROPPED.labels(camera=c, stage=STAGE, reason="stale").inc())
+                continue
+            try:
+                (msg,) = self.preparer.messages(frame, cam, [run.task], e.id, t0)
+            except DecodeError as err:
+                run.reader.reject(box, e, "decode_error", str(err))
+                continue
+            good.append((e, msg))
+        run.reader.ack(box, others)
         return good
 
     def stack(self, run: TaskRunner, items: list, box: Outbox | None, buffers: list | None) -> list:

@@ -1,9 +1,10 @@
 """ingest: one thread per camera reads frames, stamps ``seq`` and ``ts``, and publishes to ``{P}:frames``.
 
-Back-pressure per camera (DESIGN §4): at most ``queue`` of a camera's frames wait for preprocess.
-When full, ``block`` waits, ``drop_newest`` skips the new frame, ``drop_oldest`` deletes the
-camera's oldest frame that preprocess has not read yet (atomically, so a frame is never both
-dropped and processed). Every frame is counted once in ``frames_total{stage="ingest"}``.
+Back-pressure per camera (DESIGN §4): at most ``queue`` of a camera's frames wait for the stage that reads
+``{P}:frames`` (preprocess; with ``inference.read_from: frames`` infer's group of every task, and a frame
+waits until all of them have read it). When full, ``block`` waits, ``drop_newest`` skips the new frame,
+``drop_oldest`` deletes the camera's oldest frame that no reader has read yet (atomically, so a frame is
+never both dropped and processed). Every frame is counted once in ``frames_total{stage="ingest"}``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from shared.config import CameraConfig, ConfigError, OnFull
 from shared.imaging import encode
 from shared.messages import Frame
 from shared.runtime import Service
-from shared.streams import REDIS_DOWN, Names, Position, Producer, ensure_group, group_position, parse_id, wait_then_ask
+from shared.streams import (REDIS_DOWN, Position, Producer, ask_position, ensure_group, parse_id, position_of,
+                            wait_then_ask)
 
 from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 
 STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
-DELIVERED_EVERY_S = 0.002  # how fresh the shared view of what preprocess has read must be when a camera asks
-BLOCKED_WAIT_S = 0.1  # a blocked camera asks where preprocess is when it writes, or after this long without a write
-BLOCKED_POLL_S = 0.01  # but not more often than this (preprocess writes all the time on a fast machine)
+DELIVERED_EVERY_S = 0.002  # how fresh the shared view of what the readers have read must be when a camera asks
+BLOCKED_WAIT_S = 0.1  # a blocked camera asks where the readers are when they write, or after this long without a write
+BLOCKED_POLL_S = 0.01  # but not more often than this (they write all the time on a fast machine)
 CHECK_EVERY_S = 0.5  # frozen/black checks per camera at most this often (seconds matter there, not frames)
 
 
@@ -64,7 +66,7 @@ class CameraWorker(threading.Thread):
         super().__init__(name=f"camera-{cam.id}", daemon=True)
         self.svc, self.cam = svc, cam
         self.producer = Producer(svc.r, svc.names.frames, maxlen=svc.cfg.streams.frames_maxlen)
-        self.waiting: deque[str] = deque()  # ids of this camera's frames not yet read by preprocess
+        self.waiting: deque[str] = deque()  # ids of this camera's frames not yet read by every reader
         self.seq = self.seq_end = 0
         self.frames_read = 0
         self.log = svc.log.getChild(cam.id)
@@ -172,7 +174,7 @@ class CameraWorker(threading.Thread):
                 return "queue_full"
             else:
                 oldest = self.waiting.popleft()
-                gone = self.producer.drop_if_undelivered(oldest, Names.PREPROCESS)
+                gone = self.producer.drop_if_undelivered(oldest, self.svc.groups)
                 if gone == 1:
                     metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="queue_full").inc()
                 elif gone == 0:
@@ -200,7 +202,7 @@ class CameraWorker(threading.Thread):
         if isinstance(image, Encoded):
             image = image.thumbnail()
             if image is None:
-                return  # preprocess dead-letters the bytes that do not decode, naming the frame
+                return  # the reader dead-letters the bytes that do not decode, naming the frame
         frozen, mean8 = self.still.update(image)
         black = eight_bit and mean8 < self.cam.black_level
         self.status["frozen_since"] = (self.status["frozen_since"] or now) if frozen else 0.0
@@ -225,7 +227,8 @@ class IngestService(Service):
         self._delivered_lock = threading.Condition()
         self._delivered, self._delivered_at = (0, 0), -1.0
         self._polling = False  # a blocked camera is asking Redis for all of them
-        self.progress = [self.names.prepared(t) for t in sorted(cfg.tasks())]  # what preprocess writes
+        self.groups = self.names.frame_groups(cfg.tasks())  # who reads the frames
+        self.progress = self.names.frame_readers_write(cfg.tasks())  # what they write once they have read
         # Replicas share the cameras out: replica k of n reads cameras k, k+n, k+2n, … of the list.
         n = cfg.services["ingest"].replicas
         self.cameras = [c for i, c in enumerate(cfg.cameras) if i % n == self.replica % n]
@@ -243,8 +246,8 @@ class IngestService(Service):
                 metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason=reason)
 
     def delivered(self) -> tuple[int, int]:
-        """preprocess's last-delivered id on ``{P}:frames``, asked of Redis at most every ``DELIVERED_EVERY_S``
-        for all of this process's cameras together."""
+        """The last id on ``{P}:frames`` that every reader group has been delivered, asked of Redis at most every
+        ``DELIVERED_EVERY_S`` for all of this process's cameras together."""
         with self._delivered_lock:
             if time.monotonic() - self._delivered_at >= DELIVERED_EVERY_S:
                 self._refresh()
@@ -254,12 +257,15 @@ class IngestService(Service):
         """The last answer, without asking Redis."""
         return self._delivered
 
-    def _refresh(self, position: Position | None = None) -> bool:  # holding the lock
-        """Take preprocess's position (asked of Redis now unless given) and wake the cameras if it moved;
-        says whether it moved."""
-        if position is None:
-            position = group_position(self.r, self.names.frames, Names.PREPROCESS, limit=1)
-        new = position.delivered
+    def _refresh(self, positions: list[Position] | None = None) -> bool:  # holding the lock
+        """Take the readers' positions (asked of Redis now unless given) and wake the cameras if the slowest
+        moved; says whether it moved."""
+        if positions is None:
+            pipe = self.r.pipeline(transaction=False)
+            for group in self.groups:
+                ask_position(pipe, self.names.frames, group, limit=1)
+            positions = [position_of(x) for x in pipe.execute()]
+        new = min(p.delivered for p in positions)
         self._delivered_at = time.monotonic()
         if new == self._delivered:
             return False
@@ -268,10 +274,11 @@ class IngestService(Service):
         return True
 
     def wait_delivered(self, oldest: tuple[int, int]) -> None:
-        """A blocked camera waits until preprocess has read its ``oldest`` waiting frame (or briefly, on stop).
+        """A blocked camera waits until the readers of ``{P}:frames`` have read its ``oldest`` waiting frame (or
+        briefly, on stop).
 
-        One blocked camera at a time waits for preprocess to write a prepared entry (it writes what it
-        has just read), then asks Redis where preprocess is; the others sleep on the condition and wake
+        One blocked camera at a time waits for a reader to write (preprocess a prepared entry, infer a
+        result: they write what they have just read), then asks Redis where the readers are; the others sleep on the condition and wake
         when the answer moves, or one of them when the asker hands over without news (it takes over the
         asking). Without a write it asks every ``BLOCKED_WAIT_S``, and never more often than
         every ``BLOCKED_POLL_S``. Asking every 20 ms cost more CPU than the frames at saturation on a
@@ -287,13 +294,13 @@ class IngestService(Service):
         handed_over = False
         try:
             self.stop.wait(max(0.0, self._delivered_at + BLOCKED_POLL_S - time.monotonic()))
-            position = None
-            if not self.stop.is_set():  # wait, then ask where preprocess is, in one round trip
-                _, (position,) = wait_then_ask(self.r, self.progress, BLOCKED_WAIT_S,
-                                               [(self.names.frames, Names.PREPROCESS)], limit=1)
+            positions = None
+            if not self.stop.is_set():  # wait, then ask where the readers are, in one round trip
+                _, positions = wait_then_ask(self.r, self.progress, BLOCKED_WAIT_S,
+                                             [(self.names.frames, g) for g in self.groups], limit=1)
             with self._delivered_lock:
                 self._polling = False  # first, so that a camera this wakes that is still blocked polls next
-                if not self._refresh(position):  # it wakes the sleeping cameras when the position moved;
+                if not self._refresh(positions):  # it wakes the sleeping cameras when the position moved;
                     # when it did not (or another camera's question already saw the move), one sleeping
                     # camera takes over the asking: this one may not ask again (its frames may be through,
                     # or its camera ended), and without a poller the rest would sleep to their timeout.
@@ -306,7 +313,8 @@ class IngestService(Service):
                     self._delivered_lock.notify()
 
     def setup(self) -> None:
-        ensure_group(self.r, self.names.frames, Names.PREPROCESS)  # so frames published before preprocess starts wait
+        for group in self.groups:  # so frames published before their reader starts wait for it
+            ensure_group(self.r, self.names.frames, group)
         if not self.workers:
             self.workers = [CameraWorker(self, cam) for cam in self.cameras]
             for w in self.workers:

@@ -4,6 +4,10 @@ Stays uint8 (radiometric thermal frames stay uint16 at their own resolution so t
 temperatures stay exact); normalisation happens on the inference device. Pauses while an
 inference group already has ``streams.prepared_backlog`` entries waiting, so back-pressure
 reaches the cameras' ``on_full`` policies instead of growing a queue.
+
+With ``inference.read_from: frames`` infer does this work itself (``prepare.py``) and preprocess has
+nothing to do: ``plantsight up`` does not start it, and one started anyway (a compose file that lists it)
+says so and idles, reading nothing.
 """
 
 from __future__ import annotations
@@ -48,12 +52,22 @@ class PreprocessService(Service):
             metrics.precreate_camera(cam.id, (STAGE,))
             metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="stale")
 
+    @property
+    def idle(self) -> bool:
+        return self.names.infer_reads_frames
+
     def setup(self) -> None:
+        if self.idle:
+            self.log.warning("inference.read_from is frames: infer reads the cameras' frames itself, so this "
+                             "preprocess has nothing to do and reads nothing")
+            return
         self.reader.setup()
         for t in self.tasks:
             ensure_group(self.r, self.names.prepared(t), Names.infer_group(t))
 
     def streams(self) -> set[str]:
+        if self.idle:
+            return set()
         return {self.names.frames, *(self.names.prepared(t) for t in self.tasks)}
 
     def backlog_groups(self) -> list[tuple[str, str]]:
@@ -81,6 +95,9 @@ class PreprocessService(Service):
         return self._backlog
 
     def step(self) -> None:
+        if self.idle:
+            self.stop.wait(1.0)
+            return
         if self.backlogged():
             # infer writes results when it has run a batch (and read the next): ask again then, not every
             # 20 ms (those questions cost more CPU than the frames at saturation on a two-core box)

@@ -54,7 +54,7 @@ def valid_alert_id(alert_id: str) -> bool:
 class ViewerData:
     def __init__(self, cfg: Config, r: redis.Redis):
         self.cfg, self.r = cfg, r
-        self.names = Names(cfg.redis.prefix)
+        self.names = Names.for_config(cfg)
         self.cameras_cfg = {c.id: c for c in cfg.cameras}
 
     # --- cameras -------------------------------------------------------------------------

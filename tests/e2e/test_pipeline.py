@@ -24,10 +24,13 @@ FRAMES = {"classify": 6, "detect": 3, "segment": 3, "thermal": 6}
 SCENE = {"classify": "process", "detect": "equipment", "segment": "surface", "thermal": "thermal"}
 
 
-def groups_idle(r, prefix: str, tasks) -> bool:
+def groups_idle(r, prefix: str, tasks, read_from: str = "prepared") -> bool:
     """Nothing undelivered and nothing pending in any consumer group of the pipeline."""
-    pairs = [(f"{prefix}:frames", "preprocess"), (f"{prefix}:results", "alert")]
-    pairs += [(f"{prefix}:prepared:{t}", f"infer-{t}") for t in tasks]
+    pairs = [(f"{prefix}:results", "alert")]
+    if read_from == "frames":  # infer's group of each task reads the frames itself
+        pairs += [(f"{prefix}:frames", f"infer-{t}") for t in tasks]
+    else:
+        pairs += [(f"{prefix}:frames", "preprocess")] + [(f"{prefix}:prepared:{t}", f"infer-{t}") for t in tasks]
     for stream, group in pairs:
         for g in r.xinfo_groups(stream):
             if g["name"].decode() == group:
@@ -76,21 +79,53 @@ def test_every_frame_gets_exactly_one_result_per_task(up_pipeline, r):
     assert up.stop() == 0
 
 
-@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
-def test_published_equals_processed_plus_dropped_with_a_slow_consumer(up_pipeline, r, policy):
-    """A camera far faster than the detector: every frame is processed or counted as dropped."""
+def test_with_infer_reading_the_frames_no_preprocess_runs_and_every_frame_gets_one_result_per_task(up_pipeline, r):
+    """``inference.read_from: frames``: `plantsight up` starts no preprocess, infer's groups read
+    ``{P}:frames`` (blocked cameras wait for all of them), nothing goes through a ``prepared`` stream, and
+    every frame of every camera gets exactly one result per task, JPEG and radiometric alike."""
+    frames = {"classify": 6, "detect": 3, "thermal": 4}
+    cams = [{"id": f"{task}-{i}", "source": f"synthetic://{SCENE[task]}?seed={i}", "fps": 20, "tasks": [task],
+             "on_full": "block", "max_frames": n, "queue": 2}
+            for task, n in frames.items() for i in (1, 2)]
+    cams[0]["tasks"] = ["classify", "detect"]  # one camera feeding two tasks: both groups must read its frames
+    up = up_pipeline(cams, inference={"device": "cpu", "max_batch": 8, "max_wait_ms": 30, "threads": 1,
+                                      "read_from": "frames"})
+    expected = {(c["id"], seq, t) for c in cams for seq in range(c["max_frames"]) for t in c["tasks"]}
+    up.wait_for(lambda: len(up.results()) >= len(expected), 300, f"{len(expected)} results")
+    up.wait_for(lambda: groups_idle(r, up.prefix, frames, "frames"), 30, "all groups drained")
+    counts = per_key(up.results())
+    assert set(counts) == expected and max(counts.values()) == 1
+    assert {g["name"].decode() for g in r.xinfo_groups(f"{up.prefix}:frames")} == {f"infer-{t}" for t in frames}
+    assert not r.keys(f"{up.prefix}:prepared:*")
+    with pytest.raises(httpx.TransportError):  # no preprocess process
+        httpx.get(f"http://127.0.0.1:{up.port('preprocess')}/healthz", timeout=2)
+    for c in cams:  # every frame published was processed once per task, none dropped
+        published = up.counter("ingest", "plantsight_frames_total", camera=c["id"], stage="ingest")
+        assert published == c["max_frames"], c["id"]
+        assert up.counter("infer", "plantsight_frames_total", camera=c["id"], stage="infer") == published * len(c["tasks"])
+    assert up.counter("ingest", "plantsight_frames_dropped_total") == 0
+    assert all(m["out"]["source"] == "radiometric" for m in up.results() if m["task"] == "thermal")
+    assert up.stop() == 0
+
+
+@pytest.mark.parametrize("policy,read_from", [("drop_oldest", "prepared"), ("drop_newest", "prepared"),
+                                              ("drop_oldest", "frames")])
+def test_published_equals_processed_plus_dropped_with_a_slow_consumer(up_pipeline, r, policy, read_from):
+    """A camera far faster than the detector: every frame is processed or counted as dropped (with
+    ``read_from: frames`` the oldest frame infer has not read is the one dropped)."""
     n = 30
     cams = [{"id": "fast", "source": "synthetic://equipment", "fps": 30, "tasks": ["detect"],
              "on_full": policy, "max_frames": n, "queue": 2}]
-    up = up_pipeline(cams, inference={"device": "cpu", "max_batch": 1, "max_wait_ms": 0, "threads": 1},
+    up = up_pipeline(cams, inference={"device": "cpu", "max_batch": 1, "max_wait_ms": 0, "threads": 1,
+                                      "read_from": read_from},
                      streams={"prepared_backlog": 1})
     up.wait_for(lambda: up.counter("ingest", "plantsight_frames_total", camera="fast", stage="ingest") == n,
                 120, "all frames captured")
-    up.wait_for(lambda: groups_idle(r, up.prefix, ["detect"]), 120, "pipeline drained")
+    up.wait_for(lambda: groups_idle(r, up.prefix, ["detect"], read_from), 120, "pipeline drained")
     published = up.counter("ingest", "plantsight_frames_total", camera="fast", stage="ingest")
     processed = up.counter("infer", "plantsight_frames_total", camera="fast", stage="infer")
-    dropped = {service: up.counter(service, "plantsight_frames_dropped_total", camera="fast")
-               for service in ("ingest", "preprocess", "infer")}
+    stages = ("ingest", "infer") if read_from == "frames" else ("ingest", "preprocess", "infer")
+    dropped = {service: up.counter(service, "plantsight_frames_dropped_total", camera="fast") for service in stages}
     assert published == n
     assert dropped["ingest"] > 0, "the slow detector should have forced drops"
     assert processed + sum(dropped.values()) == published, (processed, dropped)

@@ -25,7 +25,7 @@ def frame(seq: int, scene="process", w=640, h=480) -> Frame:
     return Frame(camera="c1", seq=seq, ts=time.time_ns(), enc=enc, shape=img.shape, dtype="uint8", data=data)
 
 
-def config(redis_server, prefix, roi=None, device="cpu"):
+def config(redis_server, prefix, roi=None, device="cpu", read_from="prepared"):
     cam = {"id": "c1", "source": "synthetic://process", "tasks": ["classify", "detect"]}
     if roi:
         cam["roi"] = roi
@@ -35,7 +35,7 @@ def config(redis_server, prefix, roi=None, device="cpu"):
         "models": {"classify": {"arch": "simple_cnn"}, "detect": {"arch": "simple_yolo"},
                    "thermal": {"arch": "thermal_cnn"}},
         "inference": {"device": device, "max_batch": 4, "max_wait_ms": 0, "threads": 1, "decode": "infer",
-                      "model_poll_s": 0}}, environ={})
+                      "model_poll_s": 0, "read_from": read_from}}, environ={})
 
 
 def jpeg_msgs(f: Frame, task: str, size, roi=None) -> tuple[PreparedJpeg, Prepared]:
@@ -145,3 +145,48 @@ def test_infer_results_from_jpeg_routed_frames_equal_the_cpu_paths(redis_server,
     ((_, letter),) = r.xrange(svc.names.deadletter)
     assert letter[b"id"].decode() == bad_id and letter[b"reason"] == b"decode_error"
     assert r.xpending(stream, "infer-classify")["pending"] == 0
+
+
+def test_infer_reading_the_frames_itself_gives_the_preprocess_paths_results(redis_server, r, prefix):
+    """``inference.read_from: frames``: each task's infer group reads ``{P}:frames``; the reader thread does
+    preprocess's work (JPEGs decoded with the batch, a radiometric PNG decoded as preprocess would), skips the
+    frames of cameras that do not feed the task, and a frame nobody can read is dead-lettered once, not once
+    per task. No ``prepared`` stream is written."""
+    cfg = config(redis_server, prefix, read_from="frames")
+    svc = InferService(cfg, port=0)
+    assert svc.names.infer_reads_frames and [run.reader.stream for run in svc.runners] == [svc.names.frames] * 3
+    svc.setup()
+    frames = [frame(s) for s in range(3)]
+    ids = [r.xadd(svc.names.frames, {"m": f.to_msgpack(), "cam": "c1"}).decode() for f in frames]
+    kelvin = np.full((120, 160, 1), 30_000, np.uint16)  # 300.00 K everywhere, centikelvin
+    kelvin[10, 20] = 35_000
+    enc, data = encode(kelvin)
+    hot = Frame(camera="k1", seq=7, ts=time.time_ns(), enc=enc, shape=kelvin.shape, dtype="uint16", data=data)
+    ids.append(r.xadd(svc.names.frames, {"m": hot.to_msgpack(), "cam": "k1"}).decode())
+    garbage = r.xadd(svc.names.frames, {"m": b"\x00not msgpack", "cam": "c1"}).decode()
+    stranger = Frame(camera="nobody", seq=0, ts=time.time_ns(), enc="jpeg", shape=frames[0].shape, dtype="uint8",
+                     data=frames[0].data)
+    unknown = r.xadd(svc.names.frames, {"m": stranger.to_msgpack(), "cam": "nobody"}).decode()
+    for run in svc.runners:  # batches of max_batch (4) until each group has read all six entries
+        while entries := svc.collect(run, 100):
+            svc.process(run, entries)
+
+    got = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.results)]
+    assert sorted((m.task, m.camera, m.seq) for m in got) == sorted(
+        [("classify", "c1", s) for s in range(3)] + [("detect", "c1", s) for s in range(3)] + [("thermal", "k1", 7)])
+    assert {m.frame_id for m in got} == set(ids)  # the frames' own ids, for the evidence lookups
+    assert all(set(m.t) == {"preprocess", "infer"} for m in got)
+    run = svc.runners[0]
+    assert run.task == "classify"
+    want = svc.predict(run, [(Entry("0-0", {}), jpeg_msgs(f, "classify", (224, 224))[1]) for f in frames])
+    for res, out in zip([m for m in got if m.task == "classify"], want):  # the preprocess path's pixels, exactly
+        assert res.out["index"] == out["index"] and np.allclose(res.out["probs"], out["probs"], atol=1e-4)
+    (thermal,) = [m for m in got if m.task == "thermal"]
+    assert thermal.out["source"] == "radiometric" and thermal.out["max_k"] == 350.0 and thermal.out["min_k"] == 300.0
+
+    letters = [(f[b"id"].decode(), f[b"reason"].decode(), f[b"stage"].decode()) for _, f in r.xrange(svc.names.deadletter)]
+    assert sorted(letters) == sorted([(garbage, "decode_error", "infer"), (unknown, "unknown_camera", "infer")])
+    for run in svc.runners:  # every group has read and acknowledged every frame
+        (group,) = [g for g in r.xinfo_groups(svc.names.frames) if g["name"].decode() == f"infer-{run.task}"]
+        assert group["pending"] == 0 and group["last-delivered-id"].decode() == unknown, run.task
+    assert not r.keys(f"{prefix}:prepared:*")

@@ -181,12 +181,30 @@ def test_drop_if_undelivered(r, names):
     first, second = producer.add(b"a", cam="kiln-1"), producer.add(b"b", cam="kiln-1")
     rd = reader(r, names, "worker-1", count=1)
     assert [e.id for e in rd.read()] == [first]
-    assert producer.drop_if_undelivered(second, GROUP) == 1
+    assert producer.drop_if_undelivered(second, [GROUP]) == 1
     assert r.xrange(names.frames, min=second, max=second) == []
-    assert producer.drop_if_undelivered(first, GROUP) == -1  # already delivered: the consumer owns it
+    assert producer.drop_if_undelivered(first, [GROUP]) == -1  # already delivered: the consumer owns it
     assert [i.decode() for i, _f in r.xrange(names.frames)] == [first]
-    assert producer.drop_if_undelivered(second, GROUP) == 0  # gone already
+    assert producer.drop_if_undelivered(second, [GROUP]) == 0  # gone already
     assert rd.read(block_ms=1) == []
+
+
+def test_drop_if_undelivered_to_any_of_several_groups(r, names):
+    """With ``read_from: frames`` each task's infer group reads the frames: an entry may go only while none
+    of them has read it."""
+    producer = Producer(r, names.frames)
+    groups = ["infer-classify", "infer-detect"]
+    for g in groups:
+        ensure_group(r, names.frames, g)
+    first, second, third = (producer.add(b"%d" % i, cam="kiln-1") for i in range(3))
+    r.xreadgroup("infer-detect", "w", {names.frames: ">"}, count=1)  # detect has read the first only
+    assert producer.drop_if_undelivered(first, groups) == -1
+    assert producer.drop_if_undelivered(second, groups) == 1
+    r.xreadgroup("infer-classify", "w", {names.frames: ">"}, count=2)  # classify reads the first and the third
+    assert producer.drop_if_undelivered(third, groups) == -1
+    assert [i.decode() for i, _f in r.xrange(names.frames)] == [first, third]
+    assert producer.drop_if_undelivered(third, ["nobody", "infer-classify"]) == -1
+    assert producer.drop_if_undelivered(third, ["nobody", "infer-detect"]) == 1  # a group that does not exist has read nothing
 
 
 def test_group_lag_counts_undelivered(r, names):
@@ -199,7 +217,7 @@ def test_group_lag_counts_undelivered(r, names):
     rd.read()
     assert group_lag(r, names.frames, GROUP) == 3
     # deleting an undelivered entry makes Redis 7 report no lag; the XRANGE count takes over
-    assert producer.drop_if_undelivered(ids[3], GROUP) == 1
+    assert producer.drop_if_undelivered(ids[3], [GROUP]) == 1
     assert group_lag(r, names.frames, GROUP) == 2
     assert group_lag(r, names.frames, GROUP, limit=1) == 1  # the count is capped
     assert group_position(r, names.frames, GROUP, limit=2).at_least  # a count that reaches its limit is a floor
@@ -247,6 +265,24 @@ def test_stream_stats_rows(r, names):
         {"stream": names.results, "group": "alert", "length": 0, "lag": None, "pending": None},
         {"stream": names.alerts, "group": None, "length": 1, "lag": None, "pending": None},
         {"stream": names.deadletter, "group": None, "length": 0, "lag": None, "pending": None},
+    ]
+
+
+def test_stream_stats_rows_when_infer_reads_the_frames(r, prefix):
+    """``read_from: frames``: a row per infer group on ``{P}:frames``, no ``prepared`` streams."""
+    names = Names(prefix, infer_reads_frames=True)
+    assert names.frame_groups(["detect", "classify"]) == ["infer-classify", "infer-detect"]
+    assert names.frame_readers_write(["detect", "classify"]) == [names.results]
+    frames = Producer(r, names.frames)
+    for i in range(3):
+        frames.add(b"%d" % i, cam="kiln-1")
+    for g in names.frame_groups(["classify", "detect"]):
+        ensure_group(r, names.frames, g)
+    r.xreadgroup("infer-detect", "w", {names.frames: ">"}, count=2)
+    assert stream_stats(r, names, ["classify", "detect"])[:3] == [
+        {"stream": names.frames, "group": "infer-classify", "length": 3, "lag": 3, "pending": 0},
+        {"stream": names.frames, "group": "infer-detect", "length": 3, "lag": 1, "pending": 2},
+        {"stream": names.results, "group": "alert", "length": 0, "lag": None, "pending": None},
     ]
 
 
