@@ -63,7 +63,8 @@ def config(args, redis_url: str, ports: dict[str, int]) -> dict:
 def inference_options(args) -> dict:
     """``inference:`` for the pipeline and the bare model alike."""
     out = {"device": args.device, "max_batch": args.batch, "max_wait_ms": args.max_wait_ms, "engine": args.engine,
-           "amp": args.amp, "cuda_graphs": args.cuda_graphs, "decode": args.decode, "model_poll_s": 0}
+           "amp": args.amp, "cuda_graphs": args.cuda_graphs, "decode": args.decode, "model_poll_s": 0,
+           "read_from": args.read_from}
     if args.threads:
         out["threads"] = args.threads
     if args.channels_last is not None:
@@ -98,7 +99,7 @@ class Snapshot:
         self.last_result = last[0][0].decode() if last else "0-0"
 
     def count(self, service: str, name: str, **want) -> float:
-        return sum(total(m, name, **want) for m in self.metrics[service])
+        return sum(total(m, name, **want) for m in self.metrics.get(service, []))
 
 
 def read_results(r, stream: str, after: str, until: str) -> list[tuple[str, dict]]:
@@ -169,9 +170,11 @@ def summarise(args, a: Snapshot, b: Snapshot, window: list, server) -> dict:
     lat = [int(i.split("-")[0]) - m["ts"] / 1e6 for i, m in window]
     stages = {}
     for s, stage in (("ingest", "ingest"), ("preprocess", "preprocess"), ("infer", "infer")):
+        if s not in b.cpu:  # read_from: frames runs no preprocess
+            continue
         n = b.count(s, "plantsight_frames_total", stage=stage) - a.count(s, "plantsight_frames_total", stage=stage)
         stages[s] = {"fps": round(n / span, 1), "cpu_ms_per_frame": round((b.cpu[s] - a.cpu[s]) / max(n, 1) * 1000, 2)}
-    for s in ("preprocess", "infer"):
+    for s in [s for s in ("preprocess", "infer") if s in stages]:
         t = [m["t"].get(s, 0.0) for _, m in window]
         stages[s]["ms_per_frame"] = round(sum(t) / max(len(t), 1) * 1000, 3)
     bs = (b.count("infer", "plantsight_batch_size_sum") - a.count("infer", "plantsight_batch_size_sum"),
@@ -184,7 +187,7 @@ def summarise(args, a: Snapshot, b: Snapshot, window: list, server) -> dict:
     dropped: dict[str, float] = {}
     for s in SERVICES:
         for snap, sign in ((b, 1), (a, -1)):
-            for m in snap.metrics[s]:
+            for m in snap.metrics.get(s, []):
                 for (n, lab), v in m.items():
                     if n == "plantsight_frames_dropped_total" and v:
                         key = f"{dict(lab)['stage']}:{dict(lab)['reason']}"
@@ -200,6 +203,10 @@ def summarise(args, a: Snapshot, b: Snapshot, window: list, server) -> dict:
         "cpu_ms_per_frame_all_services": round(cpu_all / max(infer_n, 1) * 1000, 2),  # Redis included
         # what the same processes spent outside the networks (infer's metrics.ModelCpu), Redis included
         "cpu_outside_model_ms_per_frame": round((cpu_all - model_cpu) / max(infer_n, 1) * 1000, 2),
+        # the same less the alert service: what it costs to feed the model (the issue's list: ingest, codec,
+        # Redis, decode, resize, batching), the alert rules on the results being work of their own
+        "cpu_feeding_model_ms_per_frame": round((cpu_all - model_cpu - (b.cpu["alert"] - a.cpu["alert"]))
+                                                / max(infer_n, 1) * 1000, 2),
         "dropped": {k: v for k, v in dropped.items() if v},
         "results_in_window": len(window), "seconds": round(span, 1),
     }
@@ -262,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "torch's default)")
     ap.add_argument("--engine", default="auto", choices=["auto", "eager", "torchscript", "onnx", "int8"])
     ap.add_argument("--decode", default="preprocess", choices=["preprocess", "infer"])
+    ap.add_argument("--read-from", default="prepared", choices=["prepared", "frames"],
+                    help="frames: infer reads the cameras' stream itself (no preprocess process)")
     ap.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"])
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--channels-last", choices=["on", "off"])
@@ -275,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     start = machine(device)
     out = {"mode": "pipeline", "task": args.task, "arch": args.arch, "model": args.model, "batch": args.batch,
            "max_wait_ms": args.max_wait_ms, "cameras": args.cameras, "frame": [args.height, args.width],
-           "rate": args.rate, "decode": args.decode, "infer_threads": args.threads,
+           "rate": args.rate, "decode": args.decode, "read_from": args.read_from, "infer_threads": args.threads,
            "source": "render" if args.render else f"replay {args.replay}", "ingest_replicas": args.ingest, "infer_replicas": args.infer,
-           "preprocess_replicas": args.preprocess, **start}
+           "preprocess_replicas": 0 if args.read_from == "frames" else args.preprocess, **start}
     from bench.engines import bare_model, measure
 
     inf = InferenceConfig(**{**inference_options(args), "device": device})
@@ -306,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     out["cpu_outside_bare_model_ms_per_frame"] = round(out["cpu_ms_per_frame_all_services"] - bare["cpu_ms_per_img"], 2)
     out["decode_resize_floor_ms"] = round(floor, 2)
     out["outside_vs_floor"] = round(outside / floor, 2) if floor else None
+    out["feeding_vs_floor"] = round(out["cpu_feeding_model_ms_per_frame"] / floor, 2) if floor else None
     if args.half_load and out["pipeline_fps"]:
         import copy
 
