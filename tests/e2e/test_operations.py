@@ -27,18 +27,24 @@ def child_pid(up, service: str) -> int:
     return int(m.group(1))
 
 
-@pytest.mark.parametrize("victim", ["preprocess", "infer"])
-def test_a_killed_worker_loses_nothing_and_duplicates_nothing(up_pipeline, r, victim):
-    """kill -9 mid-stream: the restarted worker (a new consumer) claims the dead one's pending entries."""
+@pytest.mark.parametrize("victim,read_from", [("preprocess", "prepared"), ("infer", "prepared"), ("infer", "frames")])
+def test_a_killed_worker_loses_nothing_and_duplicates_nothing(up_pipeline, r, victim, read_from):
+    """kill -9 mid-stream: the restarted worker (a new consumer) claims the dead one's pending entries (with
+    ``read_from: frames``, infer's entries of ``{P}:frames``)."""
     n = 48
     # Large frames keep preprocess busy long enough to be caught holding unacknowledged entries.
     cams = [{"id": f"cam-{i}", "source": f"synthetic://process?seed={i}&w=1280&h=960", "fps": 12,
              "tasks": ["classify"], "on_full": "block", "max_frames": n, "queue": 4} for i in (1, 2)]
-    up = up_pipeline(cams, inference={"device": "cpu", "max_batch": 4, "max_wait_ms": 50, "threads": 1},
+    up = up_pipeline(cams, inference={"device": "cpu", "max_batch": 4, "max_wait_ms": 50, "threads": 1,
+                                      "read_from": read_from},
                      streams={"claim_idle_ms": 1500})
     up.wait_for(lambda: len(up.results()) >= 6, 120, "first results")
-    stream, group = ((f"{up.prefix}:frames", "preprocess") if victim == "preprocess"
-                     else (f"{up.prefix}:prepared:classify", "infer-classify"))
+    if victim == "preprocess":
+        stream, group = f"{up.prefix}:frames", "preprocess"
+    elif read_from == "frames":
+        stream, group = f"{up.prefix}:frames", "infer-classify"
+    else:
+        stream, group = f"{up.prefix}:prepared:classify", "infer-classify"
     # Freeze the victim at a moment it holds unacknowledged entries, then kill it: there is work to take over.
     pid = child_pid(up, victim)
 
@@ -55,7 +61,7 @@ def test_a_killed_worker_loses_nothing_and_duplicates_nothing(up_pipeline, r, vi
     assert len(up.results()) < 2 * n
     os.kill(pid, signal.SIGKILL)
     up.wait_for(lambda: len(up.results()) >= 2 * n, 180, "all results after the crash")
-    up.wait_for(lambda: groups_idle(r, up.prefix, ["classify"]), 60, "nothing pending")
+    up.wait_for(lambda: groups_idle(r, up.prefix, ["classify"], read_from), 60, "nothing pending")
     counts = per_key(up.results())
     assert set(counts) == {(f"cam-{i}", s, "classify") for i in (1, 2) for s in range(n)}
     assert max(counts.values()) == 1
