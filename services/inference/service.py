@@ -98,7 +98,7 @@ class InferService(Service):
         # read_from: frames: preprocess's work, done here (a frame nobody can read is dead-lettered by the first
         # task's group only; the others acknowledge it)
         self.preparer = Preparer(cfg, "preprocess", route_jpeg=True) if self.names.infer_reads_frames else None
-        self.first_task = sorted(cfg.tasks())[0]
+        self.first_task = min(cfg.tasks(), default=None)
         for task in tasks or cfg.tasks():
             spec = cfg.model(task)
             predictor = load_predictor(task, path=str(spec.path) if spec.path else None, arch=spec.arch,

@@ -38,21 +38,28 @@ def test_engines_measures_every_engine_beside_eager():
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path):
+@pytest.mark.parametrize("read_from", ["prepared", "frames"])
+def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path, read_from):
     home = tmp_path / "config"  # where `plantsight up` would keep a viewer token it made
     out = bench("pipeline", "--arch", "simple_cnn", "--cameras", "2", "--seconds", "3", "--warmup", "1",
-                "--model-seconds", "0.5", "--width", "320", "--height", "240", "--decode", "infer", timeout=380,
-                env={**env_without_plantsight(), "XDG_CONFIG_HOME": str(home)})
+                "--model-seconds", "0.5", "--width", "320", "--height", "240", "--decode", "infer",
+                "--read-from", read_from, timeout=380, env={**env_without_plantsight(), "XDG_CONFIG_HOME": str(home)})
     assert not home.exists()  # the benchmark's viewer gets a token of the run's own; nothing lands in ~/.config
     keys = ["pipeline_fps", "model_fps", "ratio", "p50_ms", "p95_ms", "p99_ms"]
     assert list(out)[:6] == keys and all(out[k] is not None for k in keys)
     assert out["results_in_window"] > 0 and out["dropped"] == {}
-    assert set(out["stages"]) == {"ingest", "preprocess", "infer", "alert", "redis"}
+    services = {"ingest", "infer", "alert", "redis"} | ({"preprocess"} if read_from == "prepared" else set())
+    assert set(out["stages"]) == services and out["read_from"] == read_from
+    assert out["preprocess_replicas"] == (1 if read_from == "prepared" else 0)
     assert out["stages"]["redis"]["cpu_ms_per_frame"] > 0  # the server's CPU is counted
     infer = out["stages"]["infer"]  # the networks' CPU, counted in infer, is most of infer's and not all
     assert 0 < infer["model_cpu_ms_per_frame"] < infer["cpu_ms_per_frame"]
     assert out["cpu_outside_model_ms_per_frame"] == pytest.approx(
         out["cpu_ms_per_frame_all_services"] - infer["model_cpu_ms_per_frame"], abs=0.02)
+    assert out["cpu_feeding_model_ms_per_frame"] == pytest.approx(  # the same without the alert service
+        out["cpu_outside_model_ms_per_frame"] - out["stages"]["alert"]["cpu_ms_per_frame"], abs=0.02)
+    assert out["feeding_vs_floor"] == pytest.approx(out["cpu_feeding_model_ms_per_frame"] / out["decode_resize_floor_ms"],
+                                                    rel=0.08)
     assert out["batch"] == 8 and out["device"] == "cpu" and out["engine"] == "torchscript"
     assert out["decode"] == "infer" and out["frame"] == [240, 320]
     assert {"torch", "torchvision", "redis_py"} <= set(out["versions"]) and out["redis_server"]
