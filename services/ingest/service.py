@@ -278,11 +278,11 @@ class IngestService(Service):
         briefly, on stop).
 
         One blocked camera at a time waits for a reader to write (preprocess a prepared entry, infer a
-        result: they write what they have just read), then asks Redis where the readers are; the others sleep on the condition and wake
-        when the answer moves, or one of them when the asker hands over without news (it takes over the
-        asking). Without a write it asks every ``BLOCKED_WAIT_S``, and never more often than
-        every ``BLOCKED_POLL_S``. Asking every 20 ms cost more CPU than the frames at saturation on a
-        two-core box (and each camera asking every 5 ms far more).
+        result: they write what they have just read), then asks Redis where the readers are; the others
+        sleep on the condition and wake when the answer moves, or one of them when the asker hands over
+        without news (it takes over the asking). Without a write it asks every ``BLOCKED_WAIT_S``, and never
+        more often than every ``BLOCKED_POLL_S``. Asking every 20 ms cost more CPU than the frames at
+        saturation on a two-core box (and each camera asking every 5 ms far more).
         """
         with self._delivered_lock:
             if self._delivered >= oldest or self.stop.is_set():

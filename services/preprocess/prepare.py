@@ -22,6 +22,8 @@ from shared.imaging import crop, decode_frame, jpeg_reduction, letterbox, stretc
 from shared.messages import DecodeError, Frame, Prepared
 from shared.models import input_size_for
 
+from services.inference.jpeg import ROUTABLE, PreparedJpeg, plan
+
 SPATIAL = ("detect", "segment")  # letterboxed so boxes and masks map back exactly
 
 
@@ -76,16 +78,12 @@ class Preparer:
         if (not self.route_jpeg or frame.enc != "jpeg" or frame.dtype != "uint8"
                 or len(frame.shape) != 3 or frame.shape[2] != 3):
             return []
-        from services.inference.jpeg import ROUTABLE
-
         return [t for t in tasks if t in ROUTABLE]
 
     def messages(self, frame: Frame, cam: CameraConfig, tasks: list[str], frame_id: str,
                  t0: float) -> list[Prepared]:
         """The prepared message of each of ``tasks`` (in that order); DecodeError when the frame's bytes do not
         decode or its pixels cannot feed a task's network. ``t0``: when the stage began on the frame."""
-        from services.inference.jpeg import PreparedJpeg, plan
-
         routed = self.jpeg_tasks(frame, tasks)
         decoded = [t for t in tasks if t not in routed]
         k = self.reduction(frame, cam, decoded)
