@@ -11,7 +11,8 @@ import torch
 
 from services.inference.jpeg import DeviceDecoder, PreparedJpeg, decode_prepared, plan
 from services.inference.service import InferService
-from services.preprocess.service import PreprocessService, prepare
+from services.preprocess.prepare import prepare
+from services.preprocess.service import PreprocessService
 from shared.config import load_config
 from shared.data.synthetic import scene_from_source
 from shared.imaging import decode_frame, encode, jpeg_reduction
