@@ -67,6 +67,7 @@ class CameraWorker(threading.Thread):
         self.svc, self.cam = svc, cam
         self.producer = Producer(svc.r, svc.names.frames, maxlen=svc.cfg.streams.frames_maxlen)
         self.waiting: deque[str] = deque()  # ids of this camera's frames not yet read by every reader
+        # and those sent but not yet answered (producer.unanswered): they wait too, newest of all
         self.seq = self.seq_end = 0
         self.frames_read = 0
         self.log = svc.log.getChild(cam.id)
@@ -117,6 +118,7 @@ class CameraWorker(threading.Thread):
                 stop.wait(max(0.0, next_t - time.monotonic()))
         if source is not None:
             source.close()
+        self.producer.close()
         metrics.CAMERA_UP.labels(camera=cam.id).set(0)
         metrics.CAMERA_FPS.labels(camera=cam.id).set(0)
         self.status.update(up=0, fps=0.0)
@@ -143,7 +145,7 @@ class CameraWorker(threading.Thread):
                     return
                 seq = self.next_seq() if seq is None else seq
                 frame = Frame(camera=cam.id, seq=seq, ts=ts, enc=enc, shape=shape, dtype=dtype, data=data)
-                self.waiting.append(self.producer.add(frame.to_msgpack(), cam=cam.id))
+                self.producer.send(frame.to_msgpack(), cam=cam.id)  # its id is read when it is needed
                 return
             except REDIS_DOWN as e:
                 self.log.warning("camera %s: Redis unavailable (%s); holding the frame", cam.id, e)
@@ -157,15 +159,25 @@ class CameraWorker(threading.Thread):
         self.seq += 1
         return self.seq - 1
 
+    def in_flight(self) -> int:
+        """This camera's frames on ``{P}:frames`` that some reader has not read yet (as far as we know)."""
+        return len(self.waiting) + self.producer.unanswered
+
+    def collect_ids(self) -> None:
+        """Take the ids Redis has answered for the frames sent; wait for them only when no id is known."""
+        self.waiting.extend(self.producer.answers(wait=not self.waiting))
+
     def make_room(self) -> str | None:
         """Apply the camera's ``on_full`` policy; returns the reason when the new frame is dropped."""
         cam = self.cam
-        while len(self.waiting) >= cam.queue:
+        while self.in_flight() >= cam.queue:
+            self.collect_ids()
             self.forget_delivered()
-            if len(self.waiting) < cam.queue:
+            if self.in_flight() < cam.queue:
                 break
             if cam.on_full is OnFull.block:
-                while len(self.waiting) >= cam.queue:  # the poller asks Redis: no question of our own here
+                while self.in_flight() >= cam.queue:  # the poller asks Redis: no question of our own here
+                    self.collect_ids()
                     self.svc.wait_delivered(parse_id(self.waiting[0]))
                     if self.svc.stop.is_set():
                         return "shutdown"

@@ -9,9 +9,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from shared.config import Config
-from shared.streams import (DeadLetters, GroupReader, Names, Outbox, Position, Producer, ask_position, ensure_group,
-                            group_info, group_lag, group_position, parse_id, position_of, publish_stream_metrics,
-                            stream_stats, wait_then_ask)
+from shared.streams import (REDIS_DOWN, DeadLetters, GroupReader, Names, Outbox, Position, Producer, ask_position,
+                            ensure_group, group_info, group_lag, group_position, parse_id, position_of,
+                            publish_stream_metrics, stream_stats, wait_then_ask)
 from tests.conftest import command_calls, redis_major
 
 GROUP = Names.PREPROCESS
@@ -64,6 +64,66 @@ def test_producer_fields(r, names):
                                                                      b"task": b"detect"})]
     plain = producer.add(b"p2")
     assert r.xrange(names.prepared("detect"), min=plain, max=plain)[0][1] == {b"m": b"p2"}
+
+
+def test_sent_entries_are_answered_in_order_with_the_ids_redis_gave(r, names):
+    producer = Producer(r, names.frames, maxlen=1000)
+    for i in range(5):
+        producer.send(b"frame-%d" % i, cam="kiln-1")
+    assert producer.unanswered == 5
+    ids = producer.answers()  # waits for all of them
+    assert producer.unanswered == 0 and producer.answers() == []
+    assert [(i.decode(), f) for i, f in r.xrange(names.frames)] == [
+        (ids[i], {b"m": b"frame-%d" % i, b"cam": b"kiln-1"}) for i in range(5)]
+    # without waiting: only what Redis has answered, oldest first; the rest stays counted
+    producer.send(b"frame-5", cam="kiln-1")
+    time.sleep(0.2)  # long enough for a loopback answer
+    producer.send(b"frame-6", cam="kiln-1")
+    early = producer.answers(wait=False)
+    added = [i.decode() for i, _ in r.xrange(names.frames)][5:]
+    assert len(early) >= 1 and len(early) + producer.unanswered == 2 and early == added[:len(early)]
+    assert early + producer.answers() == added
+    producer.close()
+    assert producer.unanswered == 0
+
+
+def test_sending_trims_like_adding(r, names):
+    producer = Producer(r, names.frames, maxlen=100)
+    for i in range(1000):
+        producer.send(b"frame-%04d" % i, cam="kiln-1")
+        if producer.unanswered >= 50:
+            producer.answers()
+    producer.close()
+    assert 100 <= r.xlen(names.frames) <= 200
+    assert r.xrevrange(names.frames, count=1)[0][1] == {b"m": b"frame-0999", b"cam": b"kiln-1"}
+
+
+def test_entries_sent_while_redis_is_away_are_written_once_it_is_back_and_not_twice():
+    from tests.conftest import RedisServer
+
+    server = RedisServer(appendonly=True)  # what Redis answered survives its restart
+    try:
+        r = server.client()
+        producer = Producer(r, "s", maxlen=100)
+        producer.send(b"a")
+        producer.send(b"b")
+        assert len(producer.answers()) == 2
+        producer.send(b"c")  # answered by Redis, its answer not yet read, when Redis stops
+        time.sleep(0.2)
+        server.stop()
+        producer.send(b"d")  # Redis is away: kept, not raised
+        producer.send(b"e")
+        with pytest.raises(REDIS_DOWN):
+            producer.answers()
+        assert producer.unanswered == 3  # c's id (read before d was written), d and e
+        server.start()
+        ids = producer.answers()
+        assert producer.unanswered == 0
+        assert [f[b"m"] for _, f in r.xrange("s")] == [b"a", b"b", b"c", b"d", b"e"]  # c not written again
+        assert ids == [i.decode() for i, _ in r.xrange("s")][2:]
+        producer.close()
+    finally:
+        server.close()
 
 
 def test_read_batch_then_ack_with_output_in_one_transaction(r, names):
