@@ -1,4 +1,4 @@
-"""``python -m bench MODE …`` (also ``plantsight bench MODE …``): pipeline, transport, engines, soak, quality.
+"""``python -m bench MODE …`` (also ``plantsight bench MODE …``): pipeline, transport, ingest, engines, soak, quality.
 
 Each mode prints one JSON object on stdout; progress goes to stderr.
 """
@@ -10,6 +10,7 @@ import sys
 MODES = {
     "pipeline": "bench.pipeline",
     "transport": "bench.transport",
+    "ingest": "bench.ingest",
     "engines": "bench.engines",
     "soak": "bench.soak",
     "quality": "bench.quality",

@@ -28,6 +28,18 @@ def test_transport_compares_the_codec_hop_with_a_bare_redis_py_loop_in_one_run()
     assert {"redis_server", "torch", "python"} <= set(out["versions"])
 
 
+@pytest.mark.parametrize("read_from, group, writes", [("frames", "infer-classify", "bench:results"),
+                                                      ("prepared", "preprocess", "bench:prepared:classify")])
+def test_ingest_mode_measures_the_real_ingest_against_a_paced_reader(read_from, group, writes):
+    out = bench("ingest", "--cameras", "2", "--width", "64", "--height", "48", "--rate", "100", "--seconds", "1",
+                "--warmup", "0.5", "--read-from", read_from)
+    assert out["mode"] == "ingest" and out["reader"] == {"group": group, "writes": writes}
+    assert out["frames_read"] > 0 and out["ingest_cpu_ms_per_frame"] > 0
+    calls = out["redis_calls_per_frame"]
+    assert calls["xadd"] >= 1 and calls["xreadgroup"] > 0  # the frames and the reader's writes; its reads
+    assert {"redis_server", "torch", "python"} <= set(out["versions"])
+
+
 def test_engines_measures_every_engine_beside_eager():
     out = bench("engines", "--arch", "simple_cnn", "--batch", "2", "--seconds", "0.2")
     rows = out["archs"]["simple_cnn"]["engines"]
