@@ -239,18 +239,23 @@ class Producer:
             f["task"] = task
         return f
 
-    def _trim(self) -> dict:
+    def _xadd(self, payload: bytes, cam: str | None, task: str | None) -> list:
+        """The XADD command, trimming included, as ``add`` and ``send`` write it."""
+        args = ["XADD", self.stream]
         if self.maxlen:
-            return {"maxlen": self.maxlen, "approximate": True}
-        if self.max_age_s:
-            return {"minid": f"{int((time.time() - self.max_age_s) * 1000)}-0", "approximate": True}
-        return {}
+            args += ["MAXLEN", "~", self.maxlen]
+        elif self.max_age_s:
+            args += ["MINID", "~", f"{int((time.time() - self.max_age_s) * 1000)}-0"]
+        args.append("*")
+        for k, v in self.fields(payload, cam, task).items():
+            args += [k, v]
+        return args
 
     def add(self, payload: bytes, cam: str | None = None, task: str | None = None,
             box: "Outbox | None" = None) -> str | None:
         """XADD now (returns the id) or queued in ``box`` (returns None)."""
         target = box.pipe if box is not None else self.r
-        out = target.xadd(self.stream, self.fields(payload, cam, task), **self._trim())
+        out = target.execute_command(*self._xadd(payload, cam, task))
         return None if box is not None else _s(out)
 
     def send(self, payload: bytes, cam: str | None = None, task: str | None = None) -> None:
@@ -258,14 +263,7 @@ class Producer:
         answered it: when the connection is lost, the entries it did not answer are written again, in order, on
         the next one (as redis-py retries a command whose answer it lost). Redis being away shows as entries
         left unanswered and as ``answers`` raising one of ``REDIS_DOWN``; ``send`` itself does not raise it."""
-        trim = self._trim()
-        args = ["XADD", self.stream]
-        if trim:
-            args += ["MAXLEN", "~", trim["maxlen"]] if "maxlen" in trim else ["MINID", "~", trim["minid"]]
-        args.append("*")
-        for k, v in self.fields(payload, cam, task).items():
-            args += [k, v]
-        self._unsent.append(args)
+        self._unsent.append(self._xadd(payload, cam, task))
         try:
             self._read_answers(wait=False)  # before writing more: a broken connection loses the answers in it
             self._write()
