@@ -5,8 +5,8 @@ and the letterbox from the frame's shape alone and routes the encoded bytes (a f
 pixels' Redis traffic) as a ``prepared`` message with ``enc: "jpeg"`` whose ``shape`` is the network
 input the frame becomes. infer decodes and resizes the whole batch: on CUDA with
 ``torchvision.io.decode_jpeg(device="cuda")`` and a resize/letterbox on the GPU, so CPU decode stops
-being the ceiling; without CUDA with OpenCV and exactly the resize preprocess would have done, so the
-option works everywhere and gives the same results as the CPU path there.
+being the ceiling; without CUDA with libjpeg-turbo (``imaging.decode_jpeg``) and exactly the resize
+preprocess would have done, so the option works everywhere and gives the same results as the CPU path there.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.imaging import REDUCED_JPEG, crop, jpeg_reduction, letterbox, stretch
+from shared.imaging import crop, decode_jpeg, jpeg_reduction, letterbox, stretch
 from shared.messages import _NUM, DecodeError, Message, Prepared, _check, _shape
 
 ROUTABLE = ("classify", "detect", "segment")  # thermal needs the pixels (radiometric PNG, or gray conversion)
@@ -103,45 +102,48 @@ def _region(msg: Prepared) -> tuple[int, int, int, int]:
 class DeviceDecoder:
     """Decodes and resizes a batch of ``PreparedJpeg`` into a uint8 [n, h, w, 3] tensor.
 
-    ``method``: "auto" is "torch" on CUDA (nvJPEG through torchvision, resize on the GPU) and "cv2"
-    elsewhere (OpenCV, the same pixels as the preprocess path); "torch" on the CPU runs the GPU code
-    path with torchvision's CPU decoder (the tests compare it with "cv2").
+    ``method``: "auto" is "torch" on CUDA (nvJPEG through torchvision, resize on the GPU) and "cpu"
+    elsewhere (libjpeg-turbo and OpenCV's resize, the same pixels as the preprocess path); "torch" on
+    the CPU runs the GPU code path with torchvision's CPU decoder (the tests compare it with "cpu").
     """
 
     def __init__(self, device: str | torch.device = "cpu", method: str = "auto"):
         self.device = torch.device(device)
         if method == "auto":
-            method = "torch" if self.device.type == "cuda" else "cv2"
-        if method not in ("torch", "cv2"):
-            raise ValueError(f"jpeg decode method {method!r}: must be auto, torch or cv2")
+            method = "torch" if self.device.type == "cuda" else "cpu"
+        if method not in ("torch", "cpu"):
+            raise ValueError(f"jpeg decode method {method!r}: must be auto, torch or cpu")
         self.method = method
 
     def decode_batch(self, msgs: list[Prepared]) -> tuple[torch.Tensor, list[int]]:
         """(frames [n, h, w, 3] uint8, indexes that did not decode: their rows are left filled)."""
         if not msgs:
             raise ValueError("decode_batch needs at least one message")
-        if self.method == "cv2":
-            return self._cv2(msgs)
+        if self.method == "cpu":
+            return self._cpu(msgs)
         return self._torch(msgs)
 
-    # --- OpenCV on the CPU: exactly preprocess's pixels --------------------------------------------
-    def _cv2(self, msgs):
+    # --- on the CPU: exactly preprocess's pixels ----------------------------------------------------
+    def _cpu(self, msgs):
         th, tw, _ = msgs[0].shape
-        out = np.full((len(msgs), th, tw, 3), FILL, np.uint8)
+        spatial = [m.task in SPATIAL for m in msgs]
+        # Letterboxed rows need the fill around the picture; stretched ones are written whole.
+        out = np.full((len(msgs), th, tw, 3), FILL, np.uint8) if any(spatial) else np.empty((len(msgs), th, tw, 3),
+                                                                                            np.uint8)
         bad = []
         for i, m in enumerate(msgs):
             roi = None if m.roi[2] == 0 else tuple(m.roi)
-            k = jpeg_reduction(tuple(m.orig), roi, [((th, tw), m.task in SPATIAL)])  # as preprocess decodes
-            img = cv2.imdecode(np.frombuffer(m.data, np.uint8), REDUCED_JPEG.get(k, cv2.IMREAD_COLOR))
-            if img is None or img.shape[:2] != (m.orig[0] // k, m.orig[1] // k):
+            k = jpeg_reduction(tuple(m.orig), roi, [((th, tw), spatial[i])])  # as preprocess decodes
+            img = decode_jpeg(m.data, tuple(m.orig), k)
+            if img is None or img.shape != (m.orig[0] // k, m.orig[1] // k, 3):
                 bad.append(i)
+                out[i] = FILL
                 continue
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
             region, _ = crop(img, None if roi is None else tuple(v // k for v in roi))
-            if m.task in SPATIAL:
-                out[i], _ = letterbox(region, (th, tw), FILL)
+            if spatial[i]:
+                letterbox(region, (th, tw), FILL, out=out[i])
             else:
-                out[i], _ = stretch(region, (th, tw))
+                stretch(region, (th, tw), out=out[i])
         return torch.from_numpy(out), bad
 
     # --- torchvision decode (nvJPEG on CUDA) and resize on the device ------------------------------

@@ -35,6 +35,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import cv2
 import numpy as np
 
+from shared.imaging import decode_jpeg, encode
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https")
 OPEN_TIMEOUT_MS = 10_000
@@ -55,19 +57,16 @@ class Encoded:
     shape: tuple[int, ...]
     dtype: str
 
-    def thumbnail(self) -> np.ndarray:
+    def thumbnail(self) -> np.ndarray | None:
         """A small decoded picture (1/8 size for JPEG, which libjpeg decodes for a fraction of the
-        full cost) for the frozen/black checks."""
-        buf = np.frombuffer(self.data, np.uint8)
+        full cost) for the frozen/black checks; None when the bytes do not decode."""
         if self.enc == "jpeg":
-            return cv2.imdecode(buf, cv2.IMREAD_REDUCED_COLOR_8)
-        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-        return image[:, :, None] if image.ndim == 2 else image
+            return decode_jpeg(self.data, self.shape[:2], 8)
+        image = cv2.imdecode(np.frombuffer(self.data, np.uint8), cv2.IMREAD_UNCHANGED)
+        return image[:, :, None] if image is not None and image.ndim == 2 else image
 
     @classmethod
     def of(cls, image: np.ndarray, quality: int = 90) -> "Encoded":
-        from shared.imaging import encode
-
         enc, data = encode(image, quality)
         return cls(enc, data, tuple(image.shape), str(image.dtype))
 

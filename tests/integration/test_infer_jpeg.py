@@ -65,7 +65,7 @@ def test_without_a_gpu_the_decoder_gives_exactly_the_cpu_paths_pixels(task, size
     assert bad == []
     assert got.shape == (3, *size, 3) and got.dtype == torch.uint8
     want = np.stack([p.array() for _, p in pairs])
-    if dec.method == "cv2":
+    if dec.method == "cpu":
         assert np.array_equal(got.cpu().numpy(), want)
     else:  # on a GPU: nvJPEG and a bilinear resize on the device, close to OpenCV's
         assert np.abs(got.cpu().numpy().astype(int) - want).mean() < 3
@@ -89,7 +89,7 @@ def test_a_corrupt_jpeg_is_reported_by_index_and_the_rest_decode():
     broken = PreparedJpeg(camera="c1", seq=1, ts=good.ts, task="classify", frame_id="1-1", shape=good.shape,
                           dtype="uint8", data=b"\xff\xd8 not a jpeg", orig=good.orig, letterbox=good.letterbox,
                           roi=good.roi)
-    for method in ("cv2", "torch"):
+    for method in ("cpu", "torch"):
         out, bad = DeviceDecoder("cpu", method=method).decode_batch([good, broken, good])
         assert bad == [1], method
         assert torch.equal(out[0], out[2])
@@ -124,7 +124,7 @@ def test_preprocess_routes_jpeg_bytes_undecoded_and_still_decodes_for_thermal(re
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_infer_results_from_jpeg_routed_frames_equal_the_cpu_paths(redis_server, r, prefix, device):
     svc = InferService(config(redis_server, prefix, device=device), tasks=["classify"], port=0)
-    assert svc.jpeg.method == ("torch" if device == "cuda" else "cv2")  # nvJPEG on the GPU, else OpenCV
+    assert svc.jpeg.method == ("torch" if device == "cuda" else "cpu")  # nvJPEG on the GPU, else libjpeg-turbo
     svc.setup()
     run = svc.runners[0]
     stream = svc.names.prepared("classify")
@@ -142,7 +142,7 @@ def test_infer_results_from_jpeg_routed_frames_equal_the_cpu_paths(redis_server,
     want = svc.predict(run, [(Entry("0-0", {}), p) for _, p in pairs])
     for res, out in zip(got, want):
         assert res.out["index"] == out["index"]
-        assert np.allclose(res.out["probs"], out["probs"], atol=1e-4 if svc.jpeg.method == "cv2" else 2e-2)
+        assert np.allclose(res.out["probs"], out["probs"], atol=1e-4 if svc.jpeg.method == "cpu" else 2e-2)
     ((_, letter),) = r.xrange(svc.names.deadletter)
     assert letter[b"id"].decode() == bad_id and letter[b"reason"] == b"decode_error"
     assert r.xpending(stream, "infer-classify")["pending"] == 0

@@ -237,3 +237,45 @@ def test_a_reduced_decode_refuses_what_it_cannot_shrink():
     bad = Frame(camera="c", seq=1, ts=0, enc="jpeg", shape=img.shape, dtype="uint8", data=b"\xff\xd8junk")
     with pytest.raises(DecodeError, match="c#1: jpeg bytes do not decode to a 64x48 image"):
         decode_frame(bad, 2)
+
+
+# --- the one JPEG decoder (libjpeg-turbo through simplejpeg) -------------------------------------------
+@pytest.mark.parametrize("name", sorted(JPEG_PSNR))
+def test_the_jpeg_decoder_gives_opencvs_pixels_at_every_reduction(shared_data, name):
+    from shared.imaging import decode_jpeg
+
+    data = (shared_data / name).read_bytes()  # the photos as they are: 4:2:0 and 4:2:2, odd sizes
+    buf = np.frombuffer(data, np.uint8)
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}
+    hw = cv2.imdecode(buf, cv2.IMREAD_COLOR).shape[:2]
+    for k, flag in flags.items():
+        want = cv2.cvtColor(cv2.imdecode(buf, flag), cv2.COLOR_BGR2RGB)
+        got = decode_jpeg(data, hw, k)
+        assert got.shape == want.shape, (k, got.shape, want.shape)
+        assert np.array_equal(got, want), (k, int(np.abs(got.astype(int) - want).max()))
+
+
+def test_the_jpeg_decoder_says_none_for_what_is_not_a_whole_jpeg(shared_data):
+    from shared.imaging import decode_jpeg
+
+    data = (shared_data / "baboon.jpg").read_bytes()
+    for bad in (b"", b"not a jpeg", data[: len(data) // 2], data[:-200], b"\x89PNG\r\n\x1a\n" + bytes(64)):
+        assert decode_jpeg(bad) is None
+        assert decode_jpeg(bad, (512, 512), 2) is None
+    with pytest.raises(ValueError, match="reduce 3 needs one of"):
+        decode_jpeg(data, (512, 512), 3)
+
+
+@pytest.mark.parametrize("dtype,channels", [(np.uint8, 3), (np.uint8, 1), (np.uint16, 1)])
+def test_letterbox_and_stretch_write_into_a_batch_row_as_they_would_alone(dtype, channels):
+    image = np.random.default_rng(1).integers(0, 200, (240, 320, channels)).astype(dtype)
+    batch = np.full((3, 224, 224, channels), 9, dtype)
+    boxed, lb = letterbox(image, (224, 224), fill=9)
+    boxed_in, lb_in = letterbox(image, (224, 224), fill=9, out=batch[1])
+    assert lb_in == lb and boxed_in.base is batch
+    stretched, sc = stretch(image, (224, 224))
+    stretched_in, sc_in = stretch(image, (224, 224), out=batch[2])
+    assert sc_in == sc and stretched_in.base is batch
+    assert np.array_equal(batch[1], boxed) and np.array_equal(batch[2], stretched)
+    assert (batch[0] == 9).all()  # the other rows are left alone
