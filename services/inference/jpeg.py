@@ -115,21 +115,25 @@ class DeviceDecoder:
             raise ValueError(f"jpeg decode method {method!r}: must be auto, torch or cpu")
         self.method = method
 
-    def decode_batch(self, msgs: list[Prepared]) -> tuple[torch.Tensor, list[int]]:
-        """(frames [n, h, w, 3] uint8, indexes that did not decode: their rows are left filled)."""
+    def decode_batch(self, msgs: list[Prepared], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """(frames [n, h, w, 3] uint8, indexes that did not decode: their rows are left filled).
+
+        ``out``: a reusable uint8 [n, h, w, 3] CPU buffer for the "cpu" method to decode into (the
+        batcher's pool); the "torch" method makes its batch on the device.
+        """
         if not msgs:
             raise ValueError("decode_batch needs at least one message")
         if self.method == "cpu":
-            return self._cpu(msgs)
+            return self._cpu(msgs, out)
         return self._torch(msgs)
 
     # --- on the CPU: exactly preprocess's pixels ----------------------------------------------------
-    def _cpu(self, msgs):
+    def _cpu(self, msgs, out: torch.Tensor | None):
         th, tw, _ = msgs[0].shape
+        if out is None:
+            out = torch.empty((len(msgs), th, tw, 3), dtype=torch.uint8)
+        rows = out.numpy()  # every row is written whole: picture, letterbox fill, or fill for a bad JPEG
         spatial = [m.task in SPATIAL for m in msgs]
-        # Letterboxed rows need the fill around the picture; stretched ones are written whole.
-        out = np.full((len(msgs), th, tw, 3), FILL, np.uint8) if any(spatial) else np.empty((len(msgs), th, tw, 3),
-                                                                                            np.uint8)
         bad = []
         for i, m in enumerate(msgs):
             roi = None if m.roi[2] == 0 else tuple(m.roi)
@@ -137,14 +141,14 @@ class DeviceDecoder:
             img = decode_jpeg(m.data, tuple(m.orig), k)
             if img is None or img.shape != (m.orig[0] // k, m.orig[1] // k, 3):
                 bad.append(i)
-                out[i] = FILL
+                rows[i] = FILL
                 continue
             region, _ = crop(img, None if roi is None else tuple(v // k for v in roi))
             if spatial[i]:
-                letterbox(region, (th, tw), FILL, out=out[i])
+                letterbox(region, (th, tw), FILL, out=rows[i])
             else:
-                stretch(region, (th, tw), out=out[i])
-        return torch.from_numpy(out), bad
+                stretch(region, (th, tw), out=rows[i])
+        return out, bad
 
     # --- torchvision decode (nvJPEG on CUDA) and resize on the device ------------------------------
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:

@@ -231,7 +231,11 @@ class InferService(Service):
         groups = []
         for (shape, dtype, enc), idx in by_shape.items():
             if enc == "jpeg":
-                tensor, bad = self.jpeg.decode_batch([items[i][1] for i in idx])
+                buf = None
+                if buffers is not None and self.jpeg.method == "cpu":  # decoded on the CPU into a reused buffer
+                    buf = self.pool.take((len(idx), *shape), torch.uint8)
+                    buffers.append(buf)
+                tensor, bad = self.jpeg.decode_batch([items[i][1] for i in idx], out=buf)
                 for j in bad:
                     entry = items[idx[j]][0]
                     if box is None:

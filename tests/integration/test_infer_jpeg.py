@@ -67,6 +67,10 @@ def test_without_a_gpu_the_decoder_gives_exactly_the_cpu_paths_pixels(task, size
     want = np.stack([p.array() for _, p in pairs])
     if dec.method == "cpu":
         assert np.array_equal(got.cpu().numpy(), want)
+        stale = torch.full((3, *size, 3), 200, dtype=torch.uint8)  # a pool buffer holding the last batch
+        again, bad = dec.decode_batch([j for j, _ in pairs], out=stale)
+        assert bad == [] and again.data_ptr() == stale.data_ptr()
+        assert np.array_equal(stale.numpy(), want)  # letterbox fill included
     else:  # on a GPU: nvJPEG and a bilinear resize on the device, close to OpenCV's
         assert np.abs(got.cpu().numpy().astype(int) - want).mean() < 3
 

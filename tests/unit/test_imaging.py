@@ -270,7 +270,7 @@ def test_the_jpeg_decoder_says_none_for_what_is_not_a_whole_jpeg(shared_data):
 @pytest.mark.parametrize("dtype,channels", [(np.uint8, 3), (np.uint8, 1), (np.uint16, 1)])
 def test_letterbox_and_stretch_write_into_a_batch_row_as_they_would_alone(dtype, channels):
     image = np.random.default_rng(1).integers(0, 200, (240, 320, channels)).astype(dtype)
-    batch = np.full((3, 224, 224, channels), 9, dtype)
+    batch = np.full((3, 224, 224, channels), 77, dtype)  # a reused buffer: the last batch's pixels
     boxed, lb = letterbox(image, (224, 224), fill=9)
     boxed_in, lb_in = letterbox(image, (224, 224), fill=9, out=batch[1])
     assert lb_in == lb and boxed_in.base is batch
@@ -278,4 +278,4 @@ def test_letterbox_and_stretch_write_into_a_batch_row_as_they_would_alone(dtype,
     stretched_in, sc_in = stretch(image, (224, 224), out=batch[2])
     assert sc_in == sc and stretched_in.base is batch
     assert np.array_equal(batch[1], boxed) and np.array_equal(batch[2], stretched)
-    assert (batch[0] == 9).all()  # the other rows are left alone
+    assert (batch[0] == 77).all()  # the other rows are left alone
