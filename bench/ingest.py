@@ -7,6 +7,7 @@ takes up to ``--batch`` frames with its consumer group, holds them as long as a 
 blocked cameras wait on (results with ``read_from: frames``, the task's prepared stream without).
 Cameras faster than the reader (the default, 4 × 240 fps against 67) are blocked most of the time, as
 in ``bench pipeline``; ``--camera-fps`` below ``rate / cameras`` paces them like real cameras instead.
+Each camera loops ``--replay`` pre-rendered frames; ``--replay 1`` is a still camera (the frozen check's case).
 
 Prints one JSON object: ingest's and the Redis server's CPU ms per frame read, and the Redis commands
 per frame (``INFO commandstats``, the reader's included).
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--read-from", choices=["prepared", "frames"], default="frames",
                     help="which layout's group reads the frames (inference.read_from)")
+    ap.add_argument("--replay", type=int, default=50,
+                    help="pre-rendered frames each camera loops (1: a still camera, the same picture every frame)")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     args = ap.parse_args(argv)
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     r = server.client()
     work = Path(tempfile.mkdtemp(prefix="plantsight-bench-ingest-"))
     cams = [{"id": f"cam{i}", "fps": args.camera_fps, "tasks": ["classify"], "on_full": "block", "queue": args.queue,
-             "source": f"synthetic://process?w={args.width}&h={args.height}&seed={i}&replay=50"}
+             "source": f"synthetic://process?w={args.width}&h={args.height}&seed={i}&replay={args.replay}"}
             for i in range(args.cameras)]
     raw = {"redis": {"url": server.url, "prefix": "bench"}, "cameras": cams,
            "models": {"classify": {"arch": "simple_cnn"}}, "services": {"ingest": {"port": free_port()}},
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         span, cpu, rcpu = time.monotonic() - t0, cpu_seconds(proc.pid) - cpu0, cpu_seconds(server.proc.pid) - rcpu0
         calls = {k.removeprefix("cmdstat_"): round(v["calls"] / max(n, 1), 3)
                  for k, v in r.info("commandstats").items() if k != "cmdstat_config|resetstat"}
-        out = {"mode": "ingest", "cameras": args.cameras, "camera_fps": args.camera_fps, "rate": args.rate,
+        out = {"mode": "ingest", "cameras": args.cameras, "camera_fps": args.camera_fps, "replay": args.replay,
+               "rate": args.rate,
                "batch": args.batch, "queue": args.queue, "frame": [args.height, args.width], "read_from": args.read_from,
                "reader": {"group": group, "writes": progress}, "frames_read": n, "seconds": round(span, 1), "fps": round(n / span, 1),
                "ingest_cpu_ms_per_frame": round(cpu / max(n, 1) * 1000, 3),

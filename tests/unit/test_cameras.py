@@ -297,10 +297,9 @@ def test_a_slowly_moving_line_is_not_frozen_but_a_repeated_picture_is():
     assert [still.update(img)[0] for img in noisy] == [False] + [True] * 19
 
 
-def test_a_camera_looping_a_few_pictures_is_not_frozen_however_its_frames_fall_on_the_checks(monkeypatch):
-    """Checks every CHECK_EVERY_S of a 3-picture loop at 5 fps would see the same picture every time."""
+def _camera_workers(monkeypatch, *ids: str, fps: float):
+    """Ingest camera workers on a clock the test moves (``clock[0]``), with no Redis behind them."""
     import logging
-    import math
     import types
 
     import redis
@@ -313,15 +312,46 @@ def test_a_camera_looping_a_few_pictures_is_not_frozen_however_its_frames_fall_o
     svc = types.SimpleNamespace(r=redis.Redis(), names=types.SimpleNamespace(frames="t:frames"),
                                 cfg=types.SimpleNamespace(streams=types.SimpleNamespace(frames_maxlen=10)),
                                 log=logging.getLogger("test"))
+    return clock, [ingest.CameraWorker(svc, CameraConfig(id=i, source="synthetic://process", fps=fps, tasks=["classify"]))
+                   for i in ids]
+
+
+def test_a_camera_looping_a_few_pictures_is_not_frozen_however_its_frames_fall_on_the_checks(monkeypatch):
+    """Checks every CHECK_EVERY_S of a 3-picture loop at 5 fps would see the same picture every time."""
+    import math
+
+    from services.ingest import service as ingest
+
     pictures = [np.full((48, 64, 3), v, np.uint8) for v in (40, 120, 200)]
     fps = 5.0
     assert math.ceil(ingest.CHECK_EVERY_S * fps) % len(pictures) == 0  # every 3rd frame: the sampling that aliased
-    looping = ingest.CameraWorker(svc, CameraConfig(id="loop", source="synthetic://process", fps=fps, tasks=["classify"]))
-    frozen = ingest.CameraWorker(svc, CameraConfig(id="frozen", source="synthetic://process", fps=fps, tasks=["classify"]))
-    for i in range(50):  # 10 s
+    clock, (looping, frozen) = _camera_workers(monkeypatch, "loop", "frozen", fps=fps)
+    for i in range(60):  # 12 s
         clock[0] += 1 / fps
         looping.check_image(pictures[i % len(pictures)])
         frozen.check_image(pictures[0])
         since = looping.status["frozen_since"]
         assert not since or clock[0] - since < 1.5 / fps  # still for a frame at most, never for seconds
-    assert frozen.status["frozen_since"] and clock[0] - frozen.status["frozen_since"] > 9
+    # frozen from its second look on: at most 1.5 × CHECK_EVERY_S and a frame after its first
+    assert frozen.status["frozen_since"] and clock[0] - frozen.status["frozen_since"] >= 12 - 1.5 * 0.5 - 2 / fps
+
+
+def test_a_still_camera_is_looked_at_twice_a_check_not_on_every_frame(monkeypatch):
+    """A frozen camera at 30 fps: two looks per check (the check and the frame after it), not 30 a second."""
+    from services.ingest import service as ingest
+
+    clock, (still,) = _camera_workers(monkeypatch, "still", fps=30.0)
+    looks = []
+    real_update = still.still.update
+    monkeypatch.setattr(still.still, "update", lambda img: looks.append(clock[0]) or real_update(img))
+    picture = np.full((48, 64, 3), 90, np.uint8)
+    for _ in range(300):  # 10 s
+        clock[0] += 1 / 30
+        still.check_image(picture)
+    assert still.status["frozen_since"] and still.status["frozen_since"] - looks[0] < 1.5 * ingest.CHECK_EVERY_S + 0.05
+    gaps = np.diff(looks)
+    second = gaps < 0.05  # the look on the frame after a still one
+    assert 10 / (1.5 * ingest.CHECK_EVERY_S) <= (~second).sum() <= 10 / (0.5 * ingest.CHECK_EVERY_S)
+    # every check that found it still looked once more (the last one may have had no frame left), not on and on
+    assert second.sum() in ((~second).sum(), (~second).sum() - 1)
+    assert len(looks) <= 2 * 10 / (0.5 * ingest.CHECK_EVERY_S) + 1  # 300 frames: at most 81 looks
