@@ -133,18 +133,18 @@ class DeviceDecoder:
         if out is None:
             out = torch.empty((len(msgs), th, tw, 3), dtype=torch.uint8)
         rows = out.numpy()  # every row is written whole: picture, letterbox fill, or fill for a bad JPEG
-        spatial = [m.task in SPATIAL for m in msgs]
         bad = []
         for i, m in enumerate(msgs):
             roi = None if m.roi[2] == 0 else tuple(m.roi)
-            k = jpeg_reduction(tuple(m.orig), roi, [((th, tw), spatial[i])])  # as preprocess decodes
+            boxed = m.task in SPATIAL
+            k = jpeg_reduction(tuple(m.orig), roi, [((th, tw), boxed)])  # as preprocess decodes
             img = decode_jpeg(m.data, tuple(m.orig), k)
             if img is None or img.shape != (m.orig[0] // k, m.orig[1] // k, 3):
                 bad.append(i)
                 rows[i] = FILL
                 continue
             region, _ = crop(img, None if roi is None else tuple(v // k for v in roi))
-            if spatial[i]:
+            if boxed:
                 letterbox(region, (th, tw), FILL, out=rows[i])
             else:
                 stretch(region, (th, tw), out=rows[i])

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from shared.config import CameraConfig, Config
-from shared.imaging import crop, decode_frame, jpeg_reduction, letterbox, stretch
+from shared.imaging import crop, decode_frame, is_colour_jpeg, jpeg_reduction, letterbox, stretch
 from shared.messages import DecodeError, Frame, Prepared
 from shared.models import input_size_for
 
@@ -68,15 +68,13 @@ class Preparer:
 
     def reduction(self, frame: Frame, cam: CameraConfig, tasks: list[str]) -> int:
         """How much smaller than the frame libjpeg may decode it for these tasks (1: full size)."""
-        if (not tasks or frame.enc != "jpeg" or frame.dtype != "uint8" or len(frame.shape) != 3
-                or frame.shape[2] != 3 or "thermal" in tasks):
+        if not tasks or not is_colour_jpeg(frame) or "thermal" in tasks:
             return 1
         return jpeg_reduction(frame.shape[:2], cam.roi, [(self.sizes[t], t in SPATIAL) for t in tasks])
 
     def jpeg_tasks(self, frame: Frame, tasks: list[str]) -> list[str]:
         """The tasks an 8-bit colour JPEG goes to undecoded (infer decodes the batch)."""
-        if (not self.route_jpeg or frame.enc != "jpeg" or frame.dtype != "uint8"
-                or len(frame.shape) != 3 or frame.shape[2] != 3):
+        if not self.route_jpeg or not is_colour_jpeg(frame):
             return []
         return [t for t in tasks if t in ROUTABLE]
 
