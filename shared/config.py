@@ -154,7 +154,8 @@ class InferenceConfig(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     max_batch: int = Field(16, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0)
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads per infer process; null: torch's default, "
+                                                       "or on the CPU the cores shared out among infer's replicas")
     # How the network runs (services/inference/engine.py; defaults measured by `plantsight bench`).
     engine: Literal["auto", "eager", "torchscript", "onnx", "int8"] = Field(
         "auto", description="auto: frozen TorchScript trace on CPU, eager on CUDA")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import signal
 import subprocess
 import sys
@@ -49,12 +50,18 @@ class Up:
             time.sleep(0.25)
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{self.tail()}")
 
-    def metrics(self, service: str) -> dict[tuple, float]:
-        """Samples of one service's /metrics as {(name, sorted labels): value}."""
+    def replica_ports(self, service: str) -> list[int]:
+        """The ports of a service's replicas, as `plantsight up` printed them (the first is the config's)."""
+        self.log.flush()
+        return [int(p) for p in re.findall(rf"plantsight up: {service}(?:#\d+)?\s+pid \d+\s+http://127\.0\.0\.1:(\d+)",
+                                           self.log_path.read_text(errors="replace"))]
+
+    def metrics(self, service: str, port: int | None = None) -> dict[tuple, float]:
+        """Samples of one service's /metrics (one replica's, at ``port``) as {(name, sorted labels): value}."""
         deadline = time.monotonic() + 60  # the service may still be starting (torch import, model build)
         while True:
             try:
-                text = httpx.get(f"http://127.0.0.1:{self.port(service)}/metrics", timeout=5).text
+                text = httpx.get(f"http://127.0.0.1:{port or self.port(service)}/metrics", timeout=5).text
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -66,10 +73,10 @@ class Up:
                 out[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return out
 
-    def counter(self, service: str, name: str, **labels) -> float:
-        """Sum of a counter's samples whose labels include ``labels``."""
+    def counter(self, service: str, name: str, port: int | None = None, **labels) -> float:
+        """Sum of a counter's samples whose labels include ``labels`` (one replica's, at ``port``)."""
         total = 0.0
-        for (n, lab), v in self.metrics(service).items():
+        for (n, lab), v in self.metrics(service, port).items():
             d = dict(lab)
             if n == name and all(d.get(k) == v2 for k, v2 in labels.items()):
                 total += v
@@ -98,8 +105,10 @@ def up_pipeline(tmp_path, r, redis_server, service_ports):
 
     def start(cameras: list[dict], *, models: dict | None = None, alerts: dict | None = None,
               inference: dict | None = None, streams: dict | None = None, extra_env: dict | None = None,
-              prefix: str = "e2e") -> Up:
-        cfg = {"redis": {"url": redis_server.url, "prefix": prefix}, "services": service_ports,
+              prefix: str = "e2e", replicas: dict[str, int] | None = None) -> Up:
+        services = {s: {**v, **({"replicas": replicas[s]} if s in (replicas or {}) else {})}
+                    for s, v in service_ports.items()}
+        cfg = {"redis": {"url": redis_server.url, "prefix": prefix}, "services": services,
                "cameras": cameras,
                "models": models or {"classify": {"arch": "simple_cnn"}, "detect": {"arch": "simple_yolo"},
                                     "segment": {"arch": "unet_small"}, "thermal": {"arch": "thermal_cnn"}},

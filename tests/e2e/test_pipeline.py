@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -213,4 +214,27 @@ def test_infer_loads_a_model_directory_and_ingest_reconnects_to_a_camera(up_pipe
     assert all(m["out"]["classes"] == ["ok", "foam", "boil"] for m in results)
     assert sorted(m["seq"] for m in results) == [0, 1, 2]
     assert "reconnecting in" in up.tail(400)
+    assert up.stop() == 0
+
+
+def test_two_infer_replicas_share_the_frames_and_the_cores_and_every_frame_gets_one_result(up_pipeline, r):
+    """Two infer replicas in one consumer group (`read_from: frames`, the small CPU box's arrangement): both
+    take batches, no frame is processed twice or lost, and with ``inference.threads`` unset each replica
+    takes its share of the cores for torch."""
+    cams = [{"id": f"line-{i}", "source": f"synthetic://process?seed={i}&w=160&h=120&replay=5", "fps": 40,
+             "tasks": ["classify"], "on_full": "block", "max_frames": 60, "queue": 4} for i in (1, 2)]
+    up = up_pipeline(cams, models={"classify": {"arch": "simple_cnn"}},
+                     inference={"device": "cpu", "max_batch": 4, "max_wait_ms": 30, "read_from": "frames"},
+                     replicas={"infer": 2})
+    expected = {(c["id"], seq, "classify") for c in cams for seq in range(c["max_frames"])}
+    up.wait_for(lambda: len(up.results()) >= len(expected), 300, f"{len(expected)} results")
+    up.wait_for(lambda: groups_idle(r, up.prefix, ["classify"], "frames"), 30, "all groups drained")
+    counts = per_key(up.results())
+    assert set(counts) == expected and max(counts.values()) == 1
+    ports = up.replica_ports("infer")
+    assert len(ports) == 2
+    per_replica = [up.counter("infer", "plantsight_frames_total", port=port, stage="infer") for port in ports]
+    assert sum(per_replica) == len(expected) and min(per_replica) > 0, per_replica
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert up.tail(400).count(f"torch threads: {threads} (2 infer replica(s)") == 2
     assert up.stop() == 0

@@ -1,13 +1,16 @@
-"""Every engine option gives the eager network's outputs (within tolerance) for each task's default architecture."""
+"""Every engine option gives the eager network's outputs (within tolerance) for each task's default architecture;
+how many torch threads an infer process takes."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from services.inference.engine import (TOL_FP32, TOL_REDUCED, EngineOptions, build_engine, check_parity,
-                                       example_batch)
+from services.inference.engine import TOL_FP32, TOL_REDUCED, EngineOptions, build_engine, check_parity, example_batch
+from services.inference.service import torch_threads
 from shared.config import DEFAULT_ARCH, InferenceConfig
 from shared.models import Predictor
 from shared.models.modeldir import default_meta
@@ -165,3 +168,14 @@ def test_each_cuda_option_matches_eager_on_the_cpu(arch, option):
             ref = want[: len(batch)]
             diff = (ref - got).abs().max().item()
             assert diff <= atol + rtol * ref.abs().max().item(), f"{arch} {option}: differs by {diff}"
+
+
+def test_infer_replicas_on_the_cpu_share_the_cores_out_unless_threads_are_set():
+    cores = len(os.sched_getaffinity(0))
+    plain = InferenceConfig(device="cpu")
+    assert torch_threads(plain, 1, "cpu") is None  # one replica: torch's default (every core)
+    assert torch_threads(plain, 2, "cpu") == max(1, cores // 2)
+    assert torch_threads(plain, cores * 3, "cpu") == 1  # more replicas than cores: still one thread each
+    assert torch_threads(plain, 3, "cuda") is None  # on a GPU the CPU threads are not the model's
+    assert torch_threads(InferenceConfig(device="cpu", threads=3), 2, "cpu") == 3  # the key wins
+    assert torch_threads(InferenceConfig(device="cpu", threads=3), 1, "cuda:0") == 3
