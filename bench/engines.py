@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 
 import numpy as np
@@ -30,35 +31,53 @@ CUDA_VARIANTS = {
 }
 
 
-def measure(predictor, batch: int, seconds: float, size: tuple[int, int], channels: int) -> dict:
-    """Images per second of ``predictor.predict`` on a random uint8 batch (after two warm-up calls)."""
+def measure(predictors: list, batch: int, seconds: float, size: tuple[int, int], channels: int) -> dict:
+    """Images per second of ``predict`` on a random uint8 batch (after two warm-up calls), every predictor at
+    once on a thread of its own (as infer's replicas run on one machine): the images of all of them per
+    second, and the mean wall time of one batch."""
     rng = np.random.default_rng(0)
-    frames = torch.from_numpy(rng.integers(0, 256, (batch, *size, channels), dtype=np.uint8)).to(predictor.device)
-    for _ in range(2):
-        predictor.predict(frames)
-    n, cpu0, t0 = 0, time.process_time(), time.perf_counter()
-    while True:
-        predictor.predict(frames)
-        n += 1
-        if time.perf_counter() - t0 >= seconds and n >= 3:
-            break
-    if predictor.device.type == "cuda":
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"img_per_s": round(n * batch / wall, 1), "ms_per_batch": round(wall / n * 1000, 2),
+    frames = torch.from_numpy(rng.integers(0, 256, (batch, *size, channels), dtype=np.uint8))
+    counts = [0] * len(predictors)
+    start = threading.Barrier(len(predictors) + 1)
+
+    def run(i: int, predictor) -> None:
+        x = frames.to(predictor.device)
+        for _ in range(2):
+            predictor.predict(x)
+        start.wait()
+        t0 = time.perf_counter()
+        while True:
+            predictor.predict(x)
+            counts[i] += 1
+            if time.perf_counter() - t0 >= seconds and counts[i] >= 3:
+                break
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    workers = [threading.Thread(target=run, args=(i, p), daemon=True) for i, p in enumerate(predictors)]
+    for w in workers:
+        w.start()
+    start.wait()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for w in workers:
+        w.join()
+    wall, cpu, n = time.perf_counter() - t0, time.process_time() - cpu0, sum(counts)
+    return {"img_per_s": round(n * batch / wall, 1), "ms_per_batch": round(wall * len(predictors) / n * 1000, 2),
             "cpu_ms_per_img": round(cpu / (n * batch) * 1000, 2)}
 
 
-def bare_model(task: str, arch: str | None, path: str | None, device: str, inf, seconds: float) -> tuple[dict, object]:
-    """(figures, predictor) of the engine the config picks, as infer would load it."""
+def bare_model(task: str, arch: str | None, path: str | None, device: str, inf, seconds: float,
+               workers: int = 1) -> tuple[dict, list]:
+    """(figures, predictors) of the engine the config picks, as infer would load it: ``workers`` predictors
+    running at once (infer's replicas), each with torch's threads as they are set in this process."""
     from services.inference.service import load_predictor
     from shared.runtime import keep_tensor_heap
 
     keep_tensor_heap()  # the heap infer runs with
-    predictor = load_predictor(task, path=path, arch=arch, device=device, inf=inf)
-    out = measure(predictor, inf.max_batch, seconds, predictor.input_size(), predictor.meta.channels)
-    out["engine"] = predictor.engine
-    return out, predictor
+    predictors = [load_predictor(task, path=path, arch=arch, device=device, inf=inf) for _ in range(workers)]
+    out = measure(predictors, inf.max_batch, seconds, predictors[0].input_size(), predictors[0].meta.channels)
+    out.update(engine=predictors[0].engine, workers=workers, torch_threads=torch.get_num_threads())
+    return out, predictors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             inf = InferenceConfig(device=device, max_batch=args.batch, **variant)
             engine = build_engine(p.model, p.example_input(args.batch), EngineOptions.from_config(inf), device)
             p.set_engine(engine)
-            rows[name] = {**measure(p, args.batch, args.seconds, p.input_size(), p.meta.channels),
+            rows[name] = {**measure([p], args.batch, args.seconds, p.input_size(), p.meta.channels),
                           "engine": engine.label}
         best = max(rows, key=lambda k: rows[k]["img_per_s"])
         out["archs"][arch] = {"engines": rows, "fastest": best,

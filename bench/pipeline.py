@@ -9,8 +9,10 @@ warm-up, then measures for ``--seconds``: frames through infer per second, captu
 frame, drops, and the CPU per frame outside the networks (every service's and Redis's, less what infer
 counts for its networks in ``plantsight_model_cpu_seconds_total``) against the floor of a plain JPEG
 decode + resize. The same process runs the bare model the way infer loads it (same device, batch size,
-input size and engine) for ``--model-seconds``, half just before the pipeline starts and half just
-after it stops; the ratio is against the mean of the two. Prints one JSON object; progress goes to
+input size and engine; on the CPU as many predictors at once as infer runs replicas, each with a
+replica's torch threads) for ``--model-seconds``, half just before the pipeline starts and half just
+after it stops; the ratio is against the mean of the two. When that is not the plain arrangement (one
+predictor on torch's default threads), the plain one is measured too (``plain_bare_model``). Prints one JSON object; progress goes to
 stderr. ``--rate`` caps the cameras' total frames per second (half the saturating rate gives the
 latency target's load).
 
@@ -160,7 +162,8 @@ def run_pipeline(args) -> dict:
         server.close()
     log.close()
     shutil.rmtree(work, ignore_errors=True)  # kept (and named on stderr) only when the run failed
-    return {**summarise(args, a, b, window, server), "redis_server": redis_version}
+    return {**summarise(args, a, b, window, server), "redis_server": redis_version,
+            "processes": {s: len(p) for s, p in pids.items()}}
 
 
 def summarise(args, a: Snapshot, b: Snapshot, window: list, server) -> dict:
@@ -265,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=int, default=50, help="pre-rendered frames each camera sends in a loop")
     ap.add_argument("--render", action="store_true", help="render and encode every frame in ingest instead")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, help="infer's torch threads (default: torch's; the bare model keeps "
-                                                  "torch's default)")
+    ap.add_argument("--threads", type=int, help="infer's torch threads (default: torch's, or the cores shared out among "
+                                                  "--infer replicas on the CPU); the bare model gets the same")
+    ap.add_argument("--bare-workers", type=int, help="predictors the bare model runs at once (default: --infer on "
+                                                       "the CPU, 1 on CUDA)")
     ap.add_argument("--engine", default="auto", choices=["auto", "eager", "torchscript", "onnx", "int8"])
     ap.add_argument("--decode", default="preprocess", choices=["preprocess", "infer"])
     ap.add_argument("--read-from", default="prepared", choices=["prepared", "frames"],
@@ -276,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels-last", choices=["on", "off"])
     ap.add_argument("--batch-buckets", choices=["on", "off"])
     args = ap.parse_args(argv)
+
+    import torch
 
     from services.inference.service import pick_device
     from shared.config import InferenceConfig
@@ -288,15 +295,32 @@ def main(argv: list[str] | None = None) -> int:
            "source": "render" if args.render else f"replay {args.replay}", "ingest_replicas": args.ingest, "infer_replicas": args.infer,
            "preprocess_replicas": 0 if args.read_from == "frames" else args.preprocess, **start}
     from bench.engines import bare_model, measure
+    from services.inference.service import torch_threads
 
     inf = InferenceConfig(**{**inference_options(args), "device": device})
-    say(f"bare model for {args.model_seconds / 2:g} s (and as long again after the pipeline)")
-    before, predictor = bare_model(args.task, None if args.model else args.arch, args.model, device, inf,
-                                   args.model_seconds / 2)
+    # The bare model runs as infer does: as many predictors at once as infer runs replicas on the CPU (on
+    # CUDA one: the GPU figures have always been against one), with the threads each replica gets.
+    workers = args.bare_workers or (1 if device.startswith("cuda") else args.infer)
+    default_threads = torch.get_num_threads()
+    threads = torch_threads(inf, workers, device) or default_threads
+    plain = (workers, threads) != (1, default_threads)
+    out.update(bare_workers=workers, bare_torch_threads=threads)
+    arch = None if args.model else args.arch
+    if plain:  # and, for comparison, the plain arrangement: one predictor on torch's default threads
+        say(f"plain bare model (1 × {default_threads} threads) for {args.model_seconds / 2:g} s (and again after)")
+        plain_before, plain_predictors = bare_model(args.task, arch, args.model, device, inf, args.model_seconds / 2)
+    torch.set_num_threads(threads)
+    say(f"bare model ({workers} × {threads} threads) for {args.model_seconds / 2:g} s (and again after the pipeline)")
+    before, predictors = bare_model(args.task, arch, args.model, device, inf, args.model_seconds / 2, workers)
+    predictor = predictors[0]
     floor = decode_floor_ms(args.width, args.height, predictor.input_size())  # while the machine is quiet (and after)
     out.update(run_pipeline(args))
     say(f"bare model again for {args.model_seconds / 2:g} s")
-    after = measure(predictor, inf.max_batch, args.model_seconds / 2, predictor.input_size(), predictor.meta.channels)
+    after = measure(predictors, inf.max_batch, args.model_seconds / 2, predictor.input_size(), predictor.meta.channels)
+    if plain:
+        torch.set_num_threads(default_threads)
+        plain_after = measure(plain_predictors, inf.max_batch, args.model_seconds / 2, predictor.input_size(),
+                              predictor.meta.channels)
     # a floor: noise only adds to it, so the lower of the two quiet measurements
     floor = min(floor, decode_floor_ms(args.width, args.height, predictor.input_size()))
     # A shared machine drifts by several per cent over minutes: the pipeline is compared with the mean of the
@@ -306,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     out["bare_model"] = {**bare, "before": before, "after": after, "engine": before["engine"],
                          "input": list(predictor.input_size())}
     out["engine"] = before["engine"]
+    if plain:
+        fps = round((plain_before["img_per_s"] + plain_after["img_per_s"]) / 2, 2)
+        out["plain_bare_model"] = {"img_per_s": fps, "workers": 1, "torch_threads": default_threads,
+                                   "before": plain_before, "after": plain_after,
+                                   "pipeline_vs_plain": round(out["pipeline_fps"] / fps, 3) if fps else None}
     out["ratio"] = round(out["pipeline_fps"] / bare["img_per_s"], 3) if bare["img_per_s"] else None
     # Outside the model: all the pipeline's CPU less what its networks used, counted in infer itself. The
     # older estimate, less the bare model's CPU measured in another process before and after, is kept beside

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -50,12 +51,13 @@ def test_engines_measures_every_engine_beside_eager():
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("read_from", ["prepared", "frames"])
-def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path, read_from):
+@pytest.mark.parametrize("read_from, infer", [("prepared", 1), ("frames", 1), ("frames", 2)])
+def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path, read_from, infer):
     home = tmp_path / "config"  # where `plantsight up` would keep a viewer token it made
     out = bench("pipeline", "--arch", "simple_cnn", "--cameras", "2", "--seconds", "3", "--warmup", "1",
                 "--model-seconds", "0.5", "--width", "320", "--height", "240", "--decode", "infer",
-                "--read-from", read_from, timeout=380, env={**env_without_plantsight(), "XDG_CONFIG_HOME": str(home)})
+                "--read-from", read_from, "--infer", str(infer), timeout=380,
+                env={**env_without_plantsight(), "XDG_CONFIG_HOME": str(home)})
     assert not home.exists()  # the benchmark's viewer gets a token of the run's own; nothing lands in ~/.config
     keys = ["pipeline_fps", "model_fps", "ratio", "p50_ms", "p95_ms", "p99_ms"]
     assert list(out)[:6] == keys and all(out[k] is not None for k in keys)
@@ -64,10 +66,10 @@ def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path, read_
     assert set(out["stages"]) == services and out["read_from"] == read_from
     assert out["preprocess_replicas"] == (1 if read_from == "prepared" else 0)
     assert out["stages"]["redis"]["cpu_ms_per_frame"] > 0  # the server's CPU is counted
-    infer = out["stages"]["infer"]  # the networks' CPU, counted in infer, is most of infer's and not all
-    assert 0 < infer["model_cpu_ms_per_frame"] < infer["cpu_ms_per_frame"]
+    stage = out["stages"]["infer"]  # the networks' CPU, counted in infer, is most of infer's and not all
+    assert 0 < stage["model_cpu_ms_per_frame"] < stage["cpu_ms_per_frame"]
     assert out["cpu_outside_model_ms_per_frame"] == pytest.approx(
-        out["cpu_ms_per_frame_all_services"] - infer["model_cpu_ms_per_frame"], abs=0.02)
+        out["cpu_ms_per_frame_all_services"] - stage["model_cpu_ms_per_frame"], abs=0.02)
     assert out["cpu_feeding_model_ms_per_frame"] == pytest.approx(  # the same without the alert service
         out["cpu_outside_model_ms_per_frame"] - out["stages"]["alert"]["cpu_ms_per_frame"], abs=0.02)
     assert out["feeding_vs_floor"] == pytest.approx(out["cpu_feeding_model_ms_per_frame"] / out["decode_resize_floor_ms"],
@@ -75,3 +77,14 @@ def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path, read_
     assert out["batch"] == 8 and out["device"] == "cpu" and out["engine"] == "torchscript"
     assert out["decode"] == "infer" and out["frame"] == [240, 320]
     assert {"torch", "torchvision", "redis_py"} <= set(out["versions"]) and out["redis_server"]
+    # the bare model runs as infer does: one predictor per infer replica, each with a replica's torch threads
+    threads = max(1, len(os.sched_getaffinity(0)) // infer) if infer > 1 else out["torch_threads"]
+    assert out["infer_replicas"] == out["bare_workers"] == out["processes"]["infer"] == infer
+    assert out["bare_torch_threads"] == threads
+    assert out["bare_model"]["before"]["workers"] == infer and out["bare_model"]["before"]["torch_threads"] == threads
+    if infer == 1:  # the plain arrangement: nothing else to compare it with
+        assert "plain_bare_model" not in out
+    else:  # and the plain one (one predictor on torch's default threads) beside it, for comparison
+        plain = out["plain_bare_model"]
+        assert plain["workers"] == 1 and plain["torch_threads"] == out["torch_threads"] and plain["img_per_s"] > 0
+        assert plain["pipeline_vs_plain"] == pytest.approx(out["pipeline_fps"] / plain["img_per_s"], abs=1e-3)
