@@ -52,6 +52,8 @@ def test_each_engine_option_matches_eager(arch, option):
     engine = build_engine(net, x, OPTIONS[option], "cpu", check=False)
     assert "failed" not in engine.label
     assert engine.label.split("+")[0] == OPTIONS[option].engine
+    # int8 quantises the linear layers and traces the rest like torchscript (run eagerly, its convolutions were slow)
+    assert isinstance(engine.forward, torch.jit.ScriptModule) == (OPTIONS[option].engine in ("torchscript", "int8"))
     reduced = option in ("int8", "bf16")
     atol, rtol = TOL_REDUCED if reduced else TOL_FP32
     fresh = example_batch(x.shape[1], tuple(x.shape[2:]), 3, seed=7)  # another batch size and other pixels
