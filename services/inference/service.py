@@ -56,8 +56,8 @@ def torch_threads(inf, replicas: int, device: str) -> int | None:
 
     On a small CPU box one single-threaded replica per core runs more frames than one replica on every
     core: its threads never wait at a barrier for one that another process pushed off its core (README,
-    Performance: resnet18 +10 %, the SimpleCNN +40 % here, bare and in the pipeline alike), at the price
-    of a batch that takes twice as long."""
+    "One infer per core": resnet18 +7–21 %, the SimpleCNN +18–41 % frames/s on two 2-core VMs), at the
+    price of a batch that takes twice as long and, for the SimpleCNN, a longer tail at half load."""
     if inf.threads:
         return inf.threads
     if replicas > 1 and not str(device).startswith("cuda"):
@@ -107,10 +107,11 @@ class InferService(Service):
         metrics.MODEL_CPU.register()
         inf, s = cfg.inference, cfg.streams
         self.device = pick_device(inf.device)
-        if threads := torch_threads(inf, cfg.services["infer"].replicas, self.device):
+        replicas = cfg.services["infer"].replicas
+        if threads := torch_threads(inf, replicas, self.device):
             torch.set_num_threads(threads)
         self.log.info("torch threads: %d (%d infer replica(s), %d core(s) here)", torch.get_num_threads(),
-                      cfg.services["infer"].replicas, len(os.sched_getaffinity(0)))
+                      replicas, len(os.sched_getaffinity(0)))
         self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
         self.results = Producer(self.r, self.names.results, maxlen=s.results_maxlen)
         self.runners: list[TaskRunner] = []
