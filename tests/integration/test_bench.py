@@ -62,6 +62,14 @@ def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path, read_
     keys = ["pipeline_fps", "model_fps", "ratio", "p50_ms", "p95_ms", "p99_ms"]
     assert list(out)[:6] == keys and all(out[k] is not None for k in keys)
     assert out["results_in_window"] > 0 and out["dropped"] == {}
+    # capture → result split at the frame's entry in {P}:frames; the slowest 1 % is the same frames as p99 up
+    parts = out["latency_parts"]
+    tail = parts["slowest_1pct"]
+    assert tail["frames"] == out["results_in_window"] - round(0.99 * (out["results_in_window"] - 1))
+    assert tail["total_ms"] >= out["p99_ms"]
+    assert tail["to_frames_ms"] + tail["after_frames_ms"] == pytest.approx(tail["total_ms"], abs=0.15)
+    assert parts["to_frames_ms"]["p50"] >= -1 and parts["after_frames_ms"]["p50"] > 0  # Redis ids are whole ms
+    assert 0 < tail["model_ms_per_frame"] < tail["after_frames_ms"]
     services = {"ingest", "infer", "alert", "redis"} | ({"preprocess"} if read_from == "prepared" else set())
     assert set(out["stages"]) == services and out["read_from"] == read_from
     assert out["preprocess_replicas"] == (1 if read_from == "prepared" else 0)
