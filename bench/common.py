@@ -101,9 +101,12 @@ def machine(device: str) -> dict:
             "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
+def rank(n: int, q: float) -> int:
+    """The index of the ``q``-th percentile among ``n`` sorted values (the nearest rank)."""
+    return min(n - 1, max(0, round(q / 100 * (n - 1))))
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
-    v = sorted(values)
-    k = min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))
-    return v[k]
+    return sorted(values)[rank(len(values), q)]

@@ -41,7 +41,7 @@ import msgpack
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import PrivateRedis, cpu_seconds, free_port, machine, percentile, say, versions
+from bench.common import PrivateRedis, cpu_seconds, free_port, machine, percentile, rank, say, versions
 
 SERVICES = ("ingest", "preprocess", "infer", "alert")
 SCENES = {"classify": "process", "detect": "equipment", "segment": "surface"}
@@ -230,7 +230,7 @@ def latency_parts(window: list) -> dict:
     if not rows:
         return {}
     rows.sort(key=lambda r: r[0])
-    tail = rows[min(len(rows) - 1, round(0.99 * (len(rows) - 1))):]  # from the p99 frame up, as `percentile`
+    tail = rows[rank(len(rows), 99):]  # from the p99 frame up
 
     def mean(k: int) -> float:
         return _r(sum(r[k] for r in tail) / len(tail))
