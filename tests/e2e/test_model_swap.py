@@ -39,8 +39,8 @@ def deploy(up, task: str, path) -> subprocess.CompletedProcess:
 
 def test_models_swap_between_batches_with_no_frame_lost_or_repeated(up_pipeline, r, tmp_path):
     live = model_dir(tmp_path / "live", "v1", 1)
-    n = 1000  # 50 s of camera: the three switches (each CLI call imports torch) happen well inside it
-    cams = [{"id": "s1", "source": "synthetic://process?w=160&h=120", "fps": 20, "tasks": ["classify"],
+    n = 1200  # 30 s of camera; the three switches (each CLI call imports torch) took 12 s on a slow 2-core VM
+    cams = [{"id": "s1", "source": "synthetic://process?w=160&h=120", "fps": 40, "tasks": ["classify"],
              "on_full": "block", "max_frames": n}]
     up = up_pipeline(cams, models={"classify": {"path": str(live)}},
                      inference={"device": "cpu", "max_batch": 4, "max_wait_ms": 30, "threads": 1, "model_poll_s": 0.3})
