@@ -56,8 +56,8 @@ def torch_threads(inf, replicas: int, device: str) -> int | None:
 
     On a small CPU box one single-threaded replica per core runs more frames than one replica on every
     core: its threads never wait at a barrier for one that another process pushed off its core (README,
-    "One infer per core": resnet18 +7–21 %, the SimpleCNN +12–41 % frames/s on three 2-core VMs), at the
-    price of a batch that takes twice as long (and, on one of those VMs, the SimpleCNN's half-load p99 over
+    "One infer per core": resnet18 +7–21 %, the SimpleCNN +4–41 % frames/s on four 2-core VMs), at the
+    price of a batch that takes twice as long (and, on two of those VMs, the SimpleCNN's half-load p99 over
     its target)."""
     if inf.threads:
         return inf.threads
