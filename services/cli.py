@@ -90,7 +90,7 @@ def cmd_alerts(args) -> int:
     import getpass
     import time
 
-    from services.alerting import acks
+    from shared import acks
     from shared.messages import Alert, DecodeError
     from shared.streams import Names, connect
 

@@ -35,7 +35,7 @@ from shared.rules import RiseWindow, Zone, compile_condition, fields_of, thresho
 from shared.runtime import HttpRequest, HttpResponse, Service
 from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer
 
-from services.alerting import acks
+from shared import acks
 from services.alerting.evidence import EvidenceStore
 from services.alerting.health import HEALTH_RULES, CameraHealth
 from services.alerting.sinks import SinkWorker

@@ -28,7 +28,7 @@ from shared.rules import fields_of
 from shared.runtime import service_heartbeats
 from shared.streams import Names, stream_stats
 
-from services.alerting.acks import acknowledgements
+from shared.acks import acknowledgements
 
 SCAN_FRAMES = 400  # newest frame entries looked at for the latest frame of each camera
 SCAN_RESULTS = 1000  # newest result entries looked at for the latest results of each camera

@@ -27,7 +27,7 @@ from shared.overlay import draw, encode_jpeg
 from shared.runtime import HttpRequest, HttpResponse, Service
 from shared.streams import REDIS_DOWN
 
-from services.alerting.acks import UnknownAlert, acknowledge
+from shared.acks import UnknownAlert, acknowledge
 from services.viewer.auth import LOGOUT_COOKIE, OPERATOR, Tokens
 from services.viewer.data import ViewerData, valid_alert_id
 

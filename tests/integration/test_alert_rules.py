@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from services.alerting import acks
+from shared import acks
 from services.alerting.service import AlertService
 from shared.config import load_config
 from shared.data.synthetic import make_scene

@@ -14,7 +14,7 @@ import uuid
 import numpy as np
 import pytest
 
-from services.alerting.acks import acknowledge
+from shared.acks import acknowledge
 from services.viewer.data import ViewerData, valid_alert_id
 from shared.config import load_config
 from shared.imaging import encode
