@@ -70,7 +70,7 @@ def bare_model(task: str, arch: str | None, path: str | None, device: str, inf, 
                workers: int = 1) -> tuple[dict, list]:
     """(figures, predictors) of the engine the config picks, as infer would load it: ``workers`` predictors
     running at once (infer's replicas), each with torch's threads as they are set in this process."""
-    from services.inference.service import load_predictor
+    from services.inference.loading import load_predictor
     from shared.runtime import keep_tensor_heap
 
     keep_tensor_heap()  # the heap infer runs with
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from services.inference.engine import EngineOptions, build_engine
-    from services.inference.service import pick_device
+    from services.inference.loading import pick_device
     from shared.config import InferenceConfig
     from shared.models import Predictor
     from shared.runtime import keep_tensor_heap

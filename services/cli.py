@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import entry_points
 
 import yaml
 
@@ -178,9 +179,13 @@ def cmd_models_deploy(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from bench.__main__ import main as bench_main
-
-    return bench_main(args.bench_args)
+    # bench sits above the services: it is found through its entry point, never imported from here.
+    found = entry_points(group="plantsight.commands", name="bench")
+    if not found:
+        print("plantsight bench: the benchmarks are not installed (pip install -e . from a source checkout)",
+              file=sys.stderr)
+        return 2
+    return next(iter(found)).load()(args.bench_args)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from shared.templates import TemplateError, check_template
+
 TASKS = ("classify", "detect", "segment", "thermal")
 Task = Literal["classify", "detect", "segment", "thermal"]
 SERVICES = ("ingest", "preprocess", "infer", "alert", "viewer")
@@ -291,8 +293,6 @@ class Sink(Strict):
             if re.search(r"[+#]", getattr(self, key) or ""):
                 raise ValueError(f"{key}: MQTT wildcards + and # cannot be published to")
         if self.template is not None:
-            from services.alerting.sinks.template import TemplateError, check_template  # jinja2 only when used
-
             try:
                 check_template(self.template)
             except TemplateError as e:

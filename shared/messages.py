@@ -1,4 +1,4 @@
-"""The one codec: wire bytes <-> message objects (DESIGN §3).
+"""The one codec: wire bytes <-> message objects (docs/wire-format.md).
 
 Every message is a msgpack map with a schema version ``v``. Arrays travel as raw bytes with
 ``shape`` and ``dtype`` and are decoded with ``numpy.frombuffer`` (no copy, read-only).
@@ -228,6 +228,54 @@ class Prepared(Message):
 
     def array(self) -> np.ndarray:
         return array_from(self.data, self.shape, self.dtype, "prepared data")
+
+
+@dataclass(frozen=True)
+class PreparedJpeg(Prepared):
+    """A prepared message carrying the frame's JPEG bytes; ``shape`` is the network input it decodes to."""
+
+    kind: ClassVar[str] = "prepared"
+    spec: ClassVar[_Spec] = {**Prepared.spec, "enc": ((str,), True)}
+    enc: str = "jpeg"
+
+    def __post_init__(self):
+        if self.enc != "jpeg":
+            raise DecodeError(f"prepared: enc {self.enc!r} is not 'jpeg'")
+        object.__setattr__(self, "shape", _shape(self.shape, "prepared shape"))
+        object.__setattr__(self, "orig", _shape(self.orig, "prepared orig")[:2])
+        _check(len(self.shape) == 3 and self.shape[2] == 3, "jpeg prepared shape must be [h, w, 3]")
+        if self.dtype != "uint8":
+            raise DecodeError(f"jpeg prepared dtype {self.dtype!r} is not uint8")
+        _check(len(self.letterbox) == 3 and all(isinstance(v, _NUM) for v in self.letterbox) and self.letterbox[0] > 0,
+               "prepared letterbox must be [scale > 0, pad_x, pad_y]")
+        _check(len(self.roi) == 4 and all(isinstance(v, int) and v >= 0 for v in self.roi),
+               "prepared roi must be [x, y, w, h] of non-negative integers")
+        _check(len(self.data) > 0, "jpeg prepared has no data")
+        object.__setattr__(self, "letterbox", tuple(self.letterbox))
+        object.__setattr__(self, "roi", tuple(self.roi))
+
+    def array(self) -> np.ndarray:
+        raise DecodeError("prepared: enc is jpeg, decode the batch first")
+
+
+class _AnyPrepared:
+    """Dispatches a decoded map to Prepared or PreparedJpeg (so the bytes are unpacked once)."""
+
+    kind = "prepared"
+
+    @classmethod
+    def from_dict(cls, obj):
+        enc = obj.get("enc", "raw") if isinstance(obj, dict) else "raw"
+        if enc == "jpeg":
+            return PreparedJpeg.from_dict(obj)
+        if enc != "raw":
+            raise DecodeError(f"prepared: enc {enc!r} is not one of raw, jpeg")
+        return Prepared.from_dict(obj)
+
+
+def decode_prepared(raw: bytes, max_bytes: int) -> Prepared:
+    """A ``prepared`` message of either variant; DecodeError as for every message."""
+    return Message.from_msgpack.__func__(_AnyPrepared, raw, max_bytes)
 
 
 @dataclass(frozen=True)

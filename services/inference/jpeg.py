@@ -1,8 +1,8 @@
-"""The JPEG-routed ``prepared`` variant (``inference.decode: infer``) and infer's batch decoder for it.
+"""infer's batch decoder for JPEG-routed ``prepared`` messages (``inference.decode: infer``).
 
 With ``decode: infer``, preprocess does not decode 8-bit colour JPEG frames: it computes the ROI
 and the letterbox from the frame's shape alone and routes the encoded bytes (a fraction of the raw
-pixels' Redis traffic) as a ``prepared`` message with ``enc: "jpeg"`` whose ``shape`` is the network
+pixels' Redis traffic) as a ``PreparedJpeg`` (``shared.messages``) with ``enc: "jpeg"`` whose ``shape`` is the network
 input the frame becomes. infer decodes and resizes the whole batch: on CUDA with
 ``torchvision.io.decode_jpeg(device="cuda")`` and a resize/letterbox on the GPU, so CPU decode stops
 being the ceiling; without CUDA with libjpeg-turbo (``imaging.decode_jpeg``) and exactly the resize
@@ -12,86 +12,16 @@ preprocess would have done, so the option works everywhere and gives the same re
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from shared.imaging import crop, decode_jpeg, jpeg_reduction, letterbox, stretch
-from shared.messages import _NUM, DecodeError, Message, Prepared, _check, _shape
+from shared.messages import Prepared
+from shared.prepare import SPATIAL
 
-ROUTABLE = ("classify", "detect", "segment")  # thermal needs the pixels (radiometric PNG, or gray conversion)
-SPATIAL = ("detect", "segment")  # letterboxed, as in preprocess
-FILL = 114
-
-
-@dataclass(frozen=True)
-class PreparedJpeg(Prepared):
-    """A prepared message carrying the frame's JPEG bytes; ``shape`` is the network input it decodes to."""
-
-    kind: ClassVar[str] = "prepared"
-    spec: ClassVar[dict] = {**Prepared.spec, "enc": ((str,), True)}
-    enc: str = "jpeg"
-
-    def __post_init__(self):
-        if self.enc != "jpeg":
-            raise DecodeError(f"prepared: enc {self.enc!r} is not 'jpeg'")
-        object.__setattr__(self, "shape", _shape(self.shape, "prepared shape"))
-        object.__setattr__(self, "orig", _shape(self.orig, "prepared orig")[:2])
-        _check(len(self.shape) == 3 and self.shape[2] == 3, "jpeg prepared shape must be [h, w, 3]")
-        if self.dtype != "uint8":
-            raise DecodeError(f"jpeg prepared dtype {self.dtype!r} is not uint8")
-        _check(len(self.letterbox) == 3 and all(isinstance(v, _NUM) for v in self.letterbox) and self.letterbox[0] > 0,
-               "prepared letterbox must be [scale > 0, pad_x, pad_y]")
-        _check(len(self.roi) == 4 and all(isinstance(v, int) and v >= 0 for v in self.roi),
-               "prepared roi must be [x, y, w, h] of non-negative integers")
-        _check(len(self.data) > 0, "jpeg prepared has no data")
-        object.__setattr__(self, "letterbox", tuple(self.letterbox))
-        object.__setattr__(self, "roi", tuple(self.roi))
-
-    def array(self) -> np.ndarray:
-        raise DecodeError("prepared: enc is jpeg, decode the batch first")
-
-
-class _AnyPrepared:
-    """Dispatches a decoded map to Prepared or PreparedJpeg (so the bytes are unpacked once)."""
-
-    kind = "prepared"
-
-    @classmethod
-    def from_dict(cls, obj):
-        enc = obj.get("enc", "raw") if isinstance(obj, dict) else "raw"
-        if enc == "jpeg":
-            return PreparedJpeg.from_dict(obj)
-        if enc != "raw":
-            raise DecodeError(f"prepared: enc {enc!r} is not one of raw, jpeg")
-        return Prepared.from_dict(obj)
-
-
-def decode_prepared(raw: bytes, max_bytes: int) -> Prepared:
-    """A ``prepared`` message of either variant; DecodeError as for every message."""
-    return Message.from_msgpack.__func__(_AnyPrepared, raw, max_bytes)
-
-
-def plan(frame_hw: tuple[int, int], roi: tuple | None, task: str, size: tuple[int, int]) -> tuple[tuple, tuple]:
-    """(letterbox, roi used) for a frame of ``frame_hw`` without decoding it: the arithmetic of
-    ``imaging.crop`` and ``imaging.letterbox``/``stretch``."""
-    h, w = frame_hw
-    if roi is None:
-        used, rh, rw = (0, 0, 0, 0), h, w
-    else:
-        x, y, qw, qh = roi
-        x1, y1 = min(x, w - 1), min(y, h - 1)
-        x2, y2 = min(x + qw, w), min(y + qh, h)
-        used, rh, rw = (x1, y1, x2 - x1, y2 - y1), y2 - y1, x2 - x1
-    if task not in SPATIAL:
-        return (1.0, 0, 0), used
-    th, tw = size
-    scale = min(th / rh, tw / rw)
-    nh, nw = max(1, round(rh * scale)), max(1, round(rw * scale))
-    return (scale, (tw - nw) // 2, (th - nh) // 2), used
+FILL = 114  # the letterbox border, as imaging.letterbox pads
 
 
 def _region(msg: Prepared) -> tuple[int, int, int, int]:

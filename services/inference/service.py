@@ -11,7 +11,7 @@ in between two batches (``swap.py``).
 
 With ``inference.read_from: frames`` infer reads ``{P}:frames`` itself, in group ``infer-<task>``, and its
 reader thread does preprocess's work for the frames of the cameras that feed the task
-(``services/preprocess/prepare.py``; 8-bit colour JPEGs are decoded with the batch, as with ``decode:
+(``shared/prepare.py``; 8-bit colour JPEGs are decoded with the batch, as with ``decode:
 infer``); frames of other cameras are acknowledged and left alone. No preprocess process runs, and each
 frame makes one Redis hop and one copy fewer.
 """
@@ -27,66 +27,20 @@ import numpy as np
 import torch
 
 from shared import metrics
-from shared.messages import DecodeError, Frame, Prepared, Result
+from shared.messages import DecodeError, Frame, Prepared, Result, decode_prepared
 from shared.models import Predictor
+from shared.prepare import Preparer
 from shared.runtime import Service, keep_tensor_heap
 from shared.streams import DeadLetters, Entry, GroupReader, Names, Outbox, Producer, ensure_group
 
 from services.inference.batcher import Batch, Batcher, BufferPool, collect
 from services.inference.engine import EngineOptions, build_engine
-from services.inference.jpeg import DeviceDecoder, decode_prepared
+from services.inference.jpeg import DeviceDecoder
+from services.inference.loading import load_predictor, pick_device, torch_threads
 from services.inference.postprocess import to_original
-from services.preprocess.prepare import Preparer
+from services.inference.swap import ModelSwapper
 
 STAGE = "infer"
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"inference.device is {name!r} but no CUDA device is available")
-    return name
-
-
-def torch_threads(inf, replicas: int, device: str) -> int | None:
-    """Torch's threads for one infer process: ``inference.threads``, else, on the CPU with more than one
-    replica, this machine's cores shared out among the replicas ``plantsight up`` starts on it (two replicas
-    of two threads each on two cores would fight over them); None leaves torch's default.
-
-    On a small CPU box one single-threaded replica per core runs more frames than one replica on every
-    core: its threads never wait at a barrier for one that another process pushed off its core (README,
-    "One infer per core": resnet18 +7–21 %, the SimpleCNN +4–41 % frames/s on four 2-core VMs), at the
-    price of a batch that takes twice as long (and, on two of those VMs, the SimpleCNN's half-load p99 over
-    its target)."""
-    if inf.threads:
-        return inf.threads
-    if replicas > 1 and not str(device).startswith("cuda"):
-        return max(1, len(os.sched_getaffinity(0)) // replicas)
-    return None
-
-
-def load_predictor(task: str, *, path: str | None, arch: str | None, device: str, inf) -> Predictor:
-    """The task's model on ``device``, running through the configured engine, checked and warmed.
-
-    On the CPU the engine is traced on two images and checked on one (that run is its warm-up): a
-    detector at 448×448 costs seconds per image on one thread, and a slow start delays every camera.
-    On CUDA it is warmed at every batch size it runs (``inference.batch_buckets``: the powers of two up to
-    ``max_batch``; without buckets ``max_batch`` and 1, the sizes the batcher sends most), so kernel
-    loading, cuDNN's choices and CUDA graph capture happen then, not on the first frames.
-    """
-    predictor = Predictor.from_spec(task, path=path, arch=arch, device=device)
-    cuda = str(device).startswith("cuda")
-    example = predictor.example_input(max(2, inf.max_batch) if cuda else 2)
-    options = EngineOptions.from_config(inf)
-    if predictor.runtime == "torch":  # an ONNX model directory already runs through ORT
-        predictor.set_engine(build_engine(predictor.model, example, options, device))
-    if cuda:
-        with torch.inference_mode():
-            for n in options.resolved(torch.device(device)).bucket_sizes() or sorted({inf.max_batch, 1}):
-                predictor.forward(example[:n].contiguous(memory_format=predictor._memory_format))
-        torch.cuda.synchronize()
-    return predictor
 
 
 @dataclass
@@ -146,8 +100,6 @@ class InferService(Service):
                                block_ms=s.read_block_ms, stop=self.stop, pool=self.pool)
         self.swapper = None
         if inf.model_poll_s > 0:
-            from services.inference.swap import ModelSwapper
-
             self.swapper = ModelSwapper(self)
 
     def setup(self) -> None:

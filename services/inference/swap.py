@@ -24,6 +24,8 @@ from pathlib import Path
 from shared import metrics
 from shared.models.modeldir import META, WEIGHTS
 
+from services.inference.loading import load_predictor
+
 log = logging.getLogger("plantsight.swap")
 
 
@@ -107,8 +109,6 @@ class ModelSwapper:
             self.load(run, path, fp)
 
     def load(self, run, path: str, fp: tuple) -> None:
-        from services.inference.service import load_predictor
-
         inf = self.svc.cfg.inference
         old = run.predictor
         try:

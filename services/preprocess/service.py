@@ -22,7 +22,7 @@ from shared.runtime import Service
 from shared.streams import (DeadLetters, GroupReader, Names, Outbox, Producer, ask_position, ensure_group,
                             position_of, wait_then_ask)
 
-from services.preprocess.prepare import Preparer
+from shared.prepare import Preparer
 
 STAGE = "preprocess"
 BACKLOG_CHECK_S = 0.02  # while frames flow, how old the answer to "is infer behind?" may be

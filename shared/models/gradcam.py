@@ -1,17 +1,16 @@
-"""Grad-CAM (Selvaraju et al.): where in the image a classifier's decision comes from (DESIGN §6).
+"""Grad-CAM (Selvaraju et al.): where in the image a classifier's decision comes from 
 
 `gradcam` weighs a layer's activation maps by the spatial mean of the class score's gradient
 with respect to them, keeps the positive part and scales each image's map to 0..1. The layer
 is found by name in `model.named_modules()` (default: the last `nn.Conv2d`); its activations
 come from a forward hook and its gradients from a full backward hook, both removed afterwards.
-`explain` / `explain_image` run the pipeline's own preprocessing and Predictor and draw the map
-over the image; the alert service uses the same functions for its evidence images.
+`explain` runs the pipeline's own preprocessing and Predictor and draws the map over the image; the
+alert service uses it for its evidence images and `plantsight explain` (``shared/training/explain.py``)
+for an image file.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import cv2
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv_layers", "gradcam", "overlay", "explain", "explain_image"]
+__all__ = ["conv_layers", "gradcam", "overlay", "explain"]
 
 
 def conv_layers(model: nn.Module) -> list[str]:
@@ -196,23 +195,3 @@ def explain(predictor, image_rgb: np.ndarray, layer: str | None = None, alpha: f
     prob = float(out["probs"][out["index"]])
     picture = _caption(overlay(image, cam, alpha), f"{out['label']} {prob:.2f}")
     return picture, {"label": out["label"], "prob": prob, "index": out["index"], "layer": name}
-
-
-def explain_image(model_dir: str | os.PathLike, image_path: str | os.PathLike, out_png: str | os.PathLike,
-                  layer: str | None = None, device: str = "cpu") -> dict:
-    """Grad-CAM of a classifier model directory on one image file, written as an overlay PNG; {label, prob, layer}."""
-    from shared.data.datasets import read_rgb
-
-    from .modeldir import load_model_dir
-    from .predictor import Predictor
-
-    model, meta = load_model_dir(model_dir, device)
-    predictor = Predictor(model, meta, device)
-    picture, info = explain(predictor, read_rgb(image_path), layer)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError(f"{out}: cannot encode the overlay as PNG")
-    out.write_bytes(buf.tobytes())
-    return info

@@ -122,7 +122,7 @@ def cmd_export(args) -> int:
 
 @_guarded
 def cmd_explain(args) -> int:
-    from shared.models.gradcam import explain_image
+    from .explain import explain_image
 
     info = explain_image(args.model, args.image, args.out, layer=args.layer, device=_device(args.device))
     print(f"{info['label']} {info['prob']:.3f} (Grad-CAM of layer {info['layer']}) -> {args.out}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.inference.engine import TOL_FP32, TOL_REDUCED, EngineOptions, build_engine, check_parity, example_batch
-from services.inference.service import torch_threads
+from services.inference.loading import torch_threads
 from shared.config import DEFAULT_ARCH, InferenceConfig
 from shared.models import Predictor
 from shared.models.modeldir import default_meta

@@ -11,7 +11,8 @@ from torch import nn
 
 from shared.models import ModelError, Predictor, build, default_meta, save_model_dir
 from shared.training.commands import add_parsers
-from shared.models.gradcam import conv_layers, explain_image, gradcam, overlay
+from shared.models.gradcam import conv_layers, gradcam, overlay
+from shared.training.explain import explain_image
 from shared.imaging import stretch
 
 SIZE = 32

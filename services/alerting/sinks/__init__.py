@@ -6,10 +6,10 @@ sink type is a small target module that turns an alert into its wire format: ``w
 The alert id is the idempotency key everywhere.
 """
 
-from services.alerting.sinks.base import Context, Delivery, Target, alert_json, links
+from services.alerting.sinks.base import Context, Delivery, Target, links
 from services.alerting.sinks.registry import SINK_TYPES, LogSink, make_target
 from services.alerting.sinks.webhook import WebhookSink, sign
 from services.alerting.sinks.worker import SHUTDOWN, SinkWorker
 
 __all__ = ["Context", "Delivery", "LogSink", "SHUTDOWN", "SINK_TYPES", "SinkWorker", "Target", "WebhookSink",
-           "alert_json", "links", "make_target", "sign"]
+           "links", "make_target", "sign"]

@@ -25,8 +25,9 @@ import httpx
 from shared.config import Sink
 from shared.messages import Alert
 
-from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, Target, episode_of,
-                                          iso_time, json_bytes, links, post)
+from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, Target, json_bytes,
+                                          links, post)
+from shared.templates import episode_of, iso_time
 
 log = logging.getLogger("plantsight.alert.sinks")
 PER_FRAME = ("seq", "model")

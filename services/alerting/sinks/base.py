@@ -12,13 +12,13 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import httpx
 import redis
 
 from shared.config import Config, Sink
 from shared.messages import Alert
+from shared.templates import episode_of
 
 
 class Delivery(Exception):
@@ -60,21 +60,6 @@ class Target:
 
     def close(self) -> None:
         pass
-
-
-def alert_json(alert: Alert) -> dict:
-    return dict(alert.to_dict())
-
-
-def episode_of(alert: Alert) -> str:
-    """The id of the episode an alert belongs to: its firing alert's id (resolved alerts carry it as a label)."""
-    return str(alert.labels.get("episode") or alert.id)
-
-
-def iso_time(ts_ns: int | float) -> str:
-    """RFC 3339 UTC with milliseconds, as Alertmanager, Slack and Teams read it."""
-    when = datetime.fromtimestamp(ts_ns / 1e9, tz=timezone.utc)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def links(cfg: Config, alert: Alert) -> dict[str, str | None]:

@@ -12,7 +12,8 @@ import httpx
 from shared.config import Sink
 from shared.messages import Alert
 
-from services.alerting.sinks.base import Context, Target, describe, iso_time, json_bytes, links, post
+from services.alerting.sinks.base import Context, Target, describe, json_bytes, links, post
+from shared.templates import iso_time
 
 ICON = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
 

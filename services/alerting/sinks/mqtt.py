@@ -28,8 +28,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from shared.config import ConfigError, Sink
 from shared.messages import Alert
 
-from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, Target, alert_json,
-                                          episode_of, iso_time, json_bytes, links)
+from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, Target, json_bytes,
+                                          links)
+from shared.templates import alert_json, episode_of, iso_time
 
 log = logging.getLogger("plantsight.alert.sinks")
 PLACEHOLDER = re.compile(r"\{(\w+)\}")

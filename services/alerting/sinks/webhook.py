@@ -17,8 +17,9 @@ import httpx
 from shared.config import ConfigError, Sink
 from shared.messages import Alert
 
-from services.alerting.sinks import template
-from services.alerting.sinks.base import Context, Delivery, Target, alert_json, json_bytes, links, post
+from shared import templates
+from services.alerting.sinks.base import Context, Delivery, Target, json_bytes, links, post
+from shared.templates import alert_json
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -33,9 +34,9 @@ class WebhookSink(Target):
         self.template = None
         if sink.template is not None:
             try:
-                template.check_template(sink.template)
-                self.template = template.load(sink.template)
-            except template.TemplateError as e:
+                templates.check_template(sink.template)
+                self.template = templates.load(sink.template)
+            except templates.TemplateError as e:
                 raise ConfigError(f"sink {sink.name}: {e}") from None
         self.client = httpx.Client(timeout=sink.timeout_s)
 
@@ -43,8 +44,8 @@ class WebhookSink(Target):
         if self.template is None:
             return json_bytes(alert_json(alert))
         try:
-            return template.render(self.template, template.context(alert, links(self.ctx.cfg, alert), self.sink.name))
-        except template.TemplateError as e:  # the same alert renders the same way: retrying cannot help
+            return templates.render(self.template, templates.context(alert, links(self.ctx.cfg, alert), self.sink.name))
+        except templates.TemplateError as e:  # the same alert renders the same way: retrying cannot help
             raise Delivery(str(e), retry=False) from None
 
     def send(self, alert: Alert) -> None:

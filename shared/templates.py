@@ -10,6 +10,7 @@ a broken template stops ``plantsight config check`` and the alert service at sta
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import jinja2
@@ -17,7 +18,22 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from shared.messages import Alert
 
-from services.alerting.sinks.base import alert_json, episode_of, iso_time
+
+def alert_json(alert: Alert) -> dict:
+    """The alert as a JSON object: the wire fields (docs/wire-format.md)."""
+    return dict(alert.to_dict())
+
+
+def episode_of(alert: Alert) -> str:
+    """The id of the episode an alert belongs to: its firing alert's id (resolved alerts carry it as a label)."""
+    return str(alert.labels.get("episode") or alert.id)
+
+
+def iso_time(ts_ns: int | float) -> str:
+    """RFC 3339 UTC with milliseconds, as Alertmanager, Slack and Teams read it."""
+    when = datetime.fromtimestamp(ts_ns / 1e9, tz=timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
 
 _ENV = SandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 _tojson = _ENV.filters["tojson"]

@@ -6,7 +6,7 @@ this module, so the two paths give the same messages and the same pixels.
 
 Stays uint8 (radiometric thermal frames stay uint16 at their own resolution so that the temperatures stay
 exact); normalisation happens on the inference device. An 8-bit colour JPEG for a task that infer can
-decode itself (``jpeg.ROUTABLE``) goes on undecoded when ``route_jpeg`` (``inference.decode: infer``, or
+decode itself (``ROUTABLE``) goes on undecoded when ``route_jpeg`` (``inference.decode: infer``, or
 ``read_from: frames``): a ``PreparedJpeg`` whose letterbox and ROI come from the frame's shape alone.
 """
 
@@ -19,12 +19,30 @@ import numpy as np
 
 from shared.config import CameraConfig, Config
 from shared.imaging import crop, decode_frame, is_colour_jpeg, jpeg_reduction, letterbox, stretch
-from shared.messages import DecodeError, Frame, Prepared
+from shared.messages import DecodeError, Frame, Prepared, PreparedJpeg
 from shared.models import input_size_for
 
-from services.inference.jpeg import ROUTABLE, PreparedJpeg, plan
-
+ROUTABLE = ("classify", "detect", "segment")  # thermal needs the pixels (radiometric PNG, or gray conversion)
 SPATIAL = ("detect", "segment")  # letterboxed so boxes and masks map back exactly
+
+
+def plan(frame_hw: tuple[int, int], roi: tuple | None, task: str, size: tuple[int, int]) -> tuple[tuple, tuple]:
+    """(letterbox, roi used) for a frame of ``frame_hw`` without decoding it: the arithmetic of
+    ``imaging.crop`` and ``imaging.letterbox``/``stretch``."""
+    h, w = frame_hw
+    if roi is None:
+        used, rh, rw = (0, 0, 0, 0), h, w
+    else:
+        x, y, qw, qh = roi
+        x1, y1 = min(x, w - 1), min(y, h - 1)
+        x2, y2 = min(x + qw, w), min(y + qh, h)
+        used, rh, rw = (x1, y1, x2 - x1, y2 - y1), y2 - y1, x2 - x1
+    if task not in SPATIAL:
+        return (1.0, 0, 0), used
+    th, tw = size
+    scale = min(th / rh, tw / rw)
+    nh, nw = max(1, round(rh * scale)), max(1, round(rw * scale))
+    return (scale, (tw - nw) // 2, (th - nh) // 2), used
 
 
 def prepare(image: np.ndarray, cam: CameraConfig, task: str, size: tuple[int, int],
