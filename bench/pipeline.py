@@ -253,7 +253,7 @@ def decode_floor_ms(width: int, height: int, size: tuple[int, int], n: int = 100
     import cv2
     import numpy as np
 
-    from shared.data.synthetic import scene_from_source
+    from shared.data.scenes import scene_from_source
     from shared.imaging import encode
 
     img, _ = scene_from_source(f"synthetic://process?w={width}&h={height}&seed=0").render(0)

@@ -210,7 +210,7 @@ class SyntheticSource(CameraSource):
             [(k, v) for k, v in query if k.lower() != "replay"])))
 
     def open(self) -> None:
-        from shared.data.synthetic import scene_from_source
+        from shared.data.scenes import scene_from_source
 
         try:
             self.scene = scene_from_source(self.scene_source)

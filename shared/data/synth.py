@@ -25,7 +25,7 @@ from tqdm import tqdm
 from shared.models.registry import DEFAULT_CLASSES, TASKS
 
 from .datasets import DataError
-from .synthetic import make_scene
+from .scenes import make_scene
 
 __all__ = ["write_dataset", "SCENE", "ANOMALY_RATE", "main"]
 

@@ -16,7 +16,7 @@ import yaml
 from shared import acks
 from services.alerting.service import AlertService
 from shared.config import load_config
-from shared.data.synthetic import make_scene
+from shared.data.scenes import make_scene
 from shared.imaging import encode
 from shared.messages import Alert, Frame, Result
 from shared.streams import group_lag

@@ -17,7 +17,7 @@ import pytest
 
 from services.alerting.evidence import EvidenceError, EvidenceStore, check_id
 from shared.config import load_config
-from shared.data.synthetic import make_scene
+from shared.data.scenes import make_scene
 from shared.imaging import encode
 from shared.messages import Alert, Frame, Result
 from shared.overlay import ZONE_HIGHLIGHT, render_base

@@ -14,7 +14,7 @@ from services.inference.service import InferService
 from services.preprocess.prepare import prepare
 from services.preprocess.service import PreprocessService
 from shared.config import load_config
-from shared.data.synthetic import scene_from_source
+from shared.data.scenes import scene_from_source
 from shared.imaging import decode_frame, encode, jpeg_reduction
 from shared.messages import DecodeError, Frame, Prepared, Result
 from shared.streams import Entry

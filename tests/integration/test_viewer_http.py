@@ -20,7 +20,7 @@ import pytest
 from services.viewer.auth import COOKIE, Tokens
 from services.viewer.service import MAX_CLIP_PLAYS, SECURITY_HEADERS, ViewerService
 from shared.config import load_config
-from shared.data.synthetic import make_scene
+from shared.data.scenes import make_scene
 from shared.imaging import decode_frame, encode
 from shared.messages import Alert, Frame, Result
 from shared.overlay import BOX_COLOURS, draw

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 
-from shared.data.synthetic import make_scene
+from shared.data.scenes import make_scene
 
 
 class MjpegCamera:

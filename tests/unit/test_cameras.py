@@ -15,7 +15,7 @@ import pytest
 
 from services.ingest.cameras import (SOURCE_TYPES, Backoff, CameraSource, Encoded, SourceError, classify_source,
                                      open_source)
-from shared.data.synthetic import make_scene
+from shared.data.scenes import make_scene
 from shared.imaging import encode
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -282,7 +282,7 @@ def test_backoff_reset():
 
 def test_a_slowly_moving_line_is_not_frozen_but_a_repeated_picture_is():
     from services.ingest.service import StillImage
-    from shared.data.synthetic import make_scene
+    from shared.data.scenes import make_scene
 
     scene = make_scene("surface", seed=3)
     moving = StillImage()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from shared.data.datasets import DataError, detect_layout, load_split
+from shared.data.scenes import make_scene
 from shared.data.synth import ANOMALY_RATE, SCENE, write_dataset
-from shared.data.synthetic import make_scene
 from shared.models.registry import DEFAULT_CLASSES
 
 TASKS = ("classify", "detect", "segment", "thermal")

@@ -208,7 +208,7 @@ def test_jpeg_reduction_picks_the_largest_factor_that_only_scales_down_and_divid
 def test_a_reduced_decode_gives_the_same_letterbox_and_roi_and_close_pixels(task, size, roi):
     from services.preprocess.prepare import SPATIAL, prepare
     from shared.config import CameraConfig
-    from shared.data.synthetic import scene_from_source
+    from shared.data.scenes import scene_from_source
     from shared.imaging import jpeg_reduction
     from shared.messages import Frame
 

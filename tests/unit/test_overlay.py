@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from services.inference.postprocess import to_original
-from shared.data.synthetic import make_scene
+from shared.data.scenes import make_scene
 from shared.imaging import letterbox
 from shared.messages import Prepared
 from shared.overlay import (BOX_COLOURS, HOTSPOT_COLOUR, MASK_COLOUR, TEXT_BG, ZONE_COLOUR, ZONE_HIGHLIGHT,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.data.synthetic import make_scene
+from shared.data.scenes import make_scene
 from shared.models import Predictor, build, default_meta, load_model_dir
 from shared.models.thermal import KELVIN_STD
 from shared.training.evaluate import evaluate
