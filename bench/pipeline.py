@@ -41,9 +41,10 @@ import msgpack
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.names import PIPELINE
+
 from bench.common import PrivateRedis, cpu_seconds, free_port, machine, percentile, rank, say, versions
 
-SERVICES = ("ingest", "preprocess", "infer", "alert")
 SCENES = {"classify": "process", "detect": "equipment", "segment": "surface"}
 
 
@@ -118,7 +119,7 @@ def run_pipeline(args) -> dict:
     server = PrivateRedis()
     r = server.client()
     work = Path(tempfile.mkdtemp(prefix="plantsight-bench-"))
-    ports = {s: free_port() for s in SERVICES}
+    ports = {s: free_port() for s in PIPELINE}
     cfg = config(args, server.url, ports)
     (work / "bench.yaml").write_text(yaml.safe_dump(cfg))
     log = open(work / "up.log", "wb+")
@@ -188,7 +189,7 @@ def summarise(args, a: Snapshot, b: Snapshot, window: list, server) -> dict:
     for s in ("alert", "redis"):
         stages[s] = {"cpu_ms_per_frame": round((b.cpu[s] - a.cpu[s]) / max(infer_n, 1) * 1000, 2)}
     dropped: dict[str, float] = {}
-    for s in SERVICES:
+    for s in PIPELINE:
         for snap, sign in ((b, 1), (a, -1)):
             for m in snap.metrics.get(s, []):
                 for (n, lab), v in m.items():
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from services.inference.service import pick_device
+    from services.inference.loading import pick_device
     from shared.config import InferenceConfig
 
     device = pick_device(args.device)
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
            "source": "render" if args.render else f"replay {args.replay}", "ingest_replicas": args.ingest, "infer_replicas": args.infer,
            "preprocess_replicas": 0 if args.read_from == "frames" else args.preprocess, **start}
     from bench.engines import bare_model, measure
-    from services.inference.service import torch_threads
+    from services.inference.loading import torch_threads
 
     inf = InferenceConfig(**{**inference_options(args), "device": device})
     # The bare model runs as infer does: as many predictors at once as infer runs replicas on the CPU (on

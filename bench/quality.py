@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-TASKS = ("classify", "detect", "segment", "thermal")
+from shared.names import TASKS
+
 TRAIN_SEED, TEST_SEED = 0, 1000
 DEFAULT_N_TEST = {"classify": 200, "detect": 200, "segment": 200, "thermal": 200}
 # (metric, comparison, threshold): the CPU targets.

@@ -28,9 +28,10 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.names import PIPELINE
+
 from bench.common import PrivateRedis, free_port
 
-SERVICES = ("ingest", "preprocess", "infer", "alert")
 SAMPLE_S = 10.0
 SCENES = {"classify": "process", "detect": "equipment", "segment": "surface", "thermal": "thermal"}
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="plantsight-soak-"))
     server = PrivateRedis()
     rport = server.port
-    ports = {s: free_port() for s in SERVICES}
+    ports = {s: free_port() for s in PIPELINE}
     (work / "soak.yaml").write_text(yaml.safe_dump(config(f"redis://127.0.0.1:{rport}/0", ports)))
     log = open(work / "up.log", "wb+")
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", str(work / "soak.yaml")],
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                    if n == name and all(dict(lab).get(k) == w for k, w in want.items()))
 
     dropped: dict[str, float] = {}
-    for s in SERVICES:
+    for s in PIPELINE:
         for (n, lab), v in metrics[s].items():
             if n == "plantsight_frames_dropped_total" and v:
                 key = f"{dict(lab)['stage']}:{dict(lab)['reason']}"

@@ -10,7 +10,9 @@ from importlib.metadata import entry_points
 
 import yaml
 
-from shared.config import SERVICES, Config, ConfigError, demo_config, load_config
+from shared.config import Config, ConfigError, demo_config, load_config
+from shared.names import SERVICES, TASKS
+from shared.secret import SecretError
 
 
 def _load(args) -> Config:
@@ -244,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     mo.set_defaults(fn=cmd_models)
     msub = mo.add_subparsers(dest="models_command")
     dep = msub.add_parser("deploy", help="switch a running pipeline's task to a model directory (no downtime)")
-    dep.add_argument("task", choices=["classify", "detect", "segment", "thermal"])
+    dep.add_argument("task", choices=TASKS)
     dep.add_argument("dir", help="model directory (model.json + model.pt or model.onnx)")
     config_args(dep)
     dep.add_argument("--wait", type=float, default=0, metavar="SECONDS",
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         parser().error("give --config FILE or --demo")
     try:
         code = args.fn(args)
-    except ConfigError as e:
+    except (ConfigError, SecretError) as e:
         print(f"plantsight: configuration error\n{e}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -29,9 +29,9 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import Config
+from shared.names import SERVICES
 from shared.streams import connect
 
-PIPELINE = ("ingest", "preprocess", "infer", "alert", "viewer")
 STOP_GRACE_S = 15.0
 STATUS_EVERY_S = 10.0
 
@@ -162,7 +162,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.stop = threading.Event()
         used = {cfg.port(s) for s in cfg.services}
-        for name in PIPELINE:
+        for name in SERVICES:
             if name == "preprocess" and cfg.inference.read_from == "frames":
                 continue  # infer reads the frames itself
             port = cfg.port(name)

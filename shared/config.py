@@ -18,12 +18,11 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from shared.names import DEFAULT_PORTS, SERVICES, TASKS
+from shared.secret import read_secret
 from shared.templates import TemplateError, check_template
 
-TASKS = ("classify", "detect", "segment", "thermal")
-Task = Literal["classify", "detect", "segment", "thermal"]
-SERVICES = ("ingest", "preprocess", "infer", "alert", "viewer")
-DEFAULT_PORTS = {"ingest": 9101, "preprocess": 9102, "infer": 9103, "alert": 9104, "viewer": 8080}
+Task = Literal[TASKS]
 ENV_PREFIX = "PLANTSIGHT_"
 
 
@@ -39,15 +38,6 @@ class OnFull(str, Enum):
     drop_oldest = "drop_oldest"
     drop_newest = "drop_newest"
     block = "block"
-
-
-def _read_secret(value: SecretStr | None, env: str | None, file: Path | None) -> str | None:
-    """A secret given inline, by environment variable name or by file (file wins, then env)."""
-    if file is not None:
-        return file.read_text().strip()
-    if env:
-        return os.environ.get(env)
-    return value.get_secret_value() if value is not None else None
 
 
 class RedisConfig(Strict):
@@ -68,7 +58,7 @@ class RedisConfig(Strict):
         return v
 
     def secret(self) -> str | None:
-        return _read_secret(self.password, self.password_env, self.password_file)
+        return read_secret(value=self.password, env=self.password_env, file=self.password_file, what="password_file")
 
     def masked_url(self) -> str:
         return re.sub(r"//([^@/]*)@", "//***@", self.url)
@@ -300,10 +290,10 @@ class Sink(Strict):
         return self
 
     def signing_secret(self) -> str | None:
-        return _read_secret(self.secret, self.secret_env, self.secret_file)
+        return read_secret(value=self.secret, env=self.secret_env, file=self.secret_file, what="secret_file")
 
     def broker_password(self) -> str | None:
-        return _read_secret(self.password, self.password_env, self.password_file)
+        return read_secret(value=self.password, env=self.password_env, file=self.password_file, what="password_file")
 
     def http_headers(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """``headers`` with each ``${NAME}`` read from the environment, so a token stays out of the

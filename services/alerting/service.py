@@ -31,6 +31,7 @@ from shared import metrics
 from shared.config import Rule
 from shared.imaging import decode_frame
 from shared.messages import Alert, DecodeError, Frame, Result
+from shared.secret import SecretError, secret_from_environ
 from shared.rules import RiseWindow, Zone, compile_condition, fields_of, threshold_of, value_of
 from shared.runtime import HttpRequest, HttpResponse, Service
 from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer
@@ -52,16 +53,11 @@ ACK_PATH = re.compile(r"^/alerts/([A-Za-z0-9_.:-]{1,128})/ack$")
 def operator_token(environ=None) -> str | None:
     """The operator token (the viewer's too): ``$PLANTSIGHT_VIEWER_OPERATOR_TOKEN`` or the file named by
     ``$PLANTSIGHT_VIEWER_OPERATOR_TOKEN_FILE``; None when neither is set (then nobody may acknowledge)."""
-    env = os.environ if environ is None else environ
-    path = env.get(TOKEN_ENV + "_FILE")
-    if path:
-        try:
-            return Path(path).read_text().strip() or None
-        except OSError as e:  # loud, but alerts still flow: only acknowledging over HTTP is off
-            log.error("%s_FILE=%s cannot be read (%s): acknowledging over HTTP is off", TOKEN_ENV, path,
-                      e.strerror or e)
-            return None
-    return env.get(TOKEN_ENV, "").strip() or None
+    try:
+        return secret_from_environ(TOKEN_ENV, environ)
+    except SecretError as e:  # loud, but alerts still flow: only acknowledging over HTTP is off
+        log.error("%s: acknowledging over HTTP is off", e)
+        return None
 
 
 class CompiledRule:

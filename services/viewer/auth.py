@@ -14,7 +14,8 @@ import hmac
 import os
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
-from pathlib import Path
+
+from shared.secret import SecretError, secret_from_environ
 
 READ, OPERATOR = "read", "operator"
 COOKIE = "plantsight_session"
@@ -26,16 +27,10 @@ class TokenError(RuntimeError):
 
 
 def _token(var: str, environ: Mapping[str, str]) -> str | None:
-    path = environ.get(f"{var}_FILE")
-    if path:
-        try:
-            value = Path(path).read_text().strip()
-        except OSError as e:
-            raise TokenError(f"{var}_FILE={path}: cannot read the token file ({e.strerror})") from None
-        if not value:
-            raise TokenError(f"{var}_FILE={path}: the token file is empty")
-        return value
-    return environ.get(var) or None
+    try:
+        return secret_from_environ(var, environ)
+    except SecretError as e:
+        raise TokenError(str(e)) from None
 
 
 class Tokens:

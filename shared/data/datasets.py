@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import yaml
 
+from shared.names import TASKS
+
 __all__ = ["DataError", "TaskDataset", "load_split", "detect_layout", "read_rgb", "read_mask", "read_thermal",
            "IMAGE_EXTS", "SPLITS"]
 
@@ -187,7 +189,7 @@ class TaskDataset(torch.utils.data.Dataset):
 def detect_layout(task: str, root: str | Path) -> str:
     """Which layout ``root`` holds for ``task``; DataError saying what was expected if none fits."""
     root = Path(root)
-    if task not in ("classify", "detect", "segment", "thermal"):
+    if task not in TASKS:
         raise DataError(f"unknown task {task!r}; known: classify, detect, segment, thermal")
     if not root.is_dir():
         raise DataError(f"{root}: no such dataset folder")

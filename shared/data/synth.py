@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from shared.models.registry import DEFAULT_CLASSES, TASKS
+from shared.models.registry import DEFAULT_CLASSES
+from shared.names import TASKS
 
 from .datasets import DataError
 from .scenes import make_scene

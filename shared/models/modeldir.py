@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .registry import DEFAULT_CLASSES, TASKS, ModelError, build, get
+from shared.names import TASKS
+
+from .registry import DEFAULT_CLASSES, ModelError, build, get
 
 __all__ = ["ModelError", "ModelMeta", "default_meta", "save_model_dir", "load_model_dir", "WEIGHTS", "META"]
 

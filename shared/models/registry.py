@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-TASKS = ("classify", "detect", "segment", "thermal")
+from shared.names import TASKS
+
 
 # Class names the synthetic scenes use; an untrained net or a fresh training run starts from these.
 DEFAULT_CLASSES: dict[str, list[str]] = {

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from shared.config import TASKS  # not shared.models: the CLI must start without importing torch
+from shared.names import TASKS
 
 __all__ = ["add_parsers", "cmd_synth", "cmd_train", "cmd_eval", "cmd_export", "cmd_explain"]
 

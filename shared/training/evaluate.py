@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from shared.models import ModelError, Predictor
-from shared.models.registry import TASKS
+from shared.names import TASKS
 
 from . import metrics as M
 from .augment import prepare, unletterbox_boxes, unletterbox_mask

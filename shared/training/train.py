@@ -19,7 +19,8 @@ from tqdm import tqdm
 from shared.models import ModelError, Predictor, build, default_meta, dice_bce_loss, save_model_dir, yolo_loss
 from shared.models.detect_af import ARCH as ANCHOR_FREE
 from shared.models.detect_af import anchor_free_loss
-from shared.models.registry import TASKS, get
+from shared.models.registry import get
+from shared.names import TASKS
 
 from . import plots
 from .augment import PreparedDataset, collate, network_input

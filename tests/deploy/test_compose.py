@@ -18,7 +18,8 @@ import redis
 
 from services.cli import parser as cli_parser
 from services.viewer.auth import Tokens, TokenError
-from shared.config import TASKS, load_config
+from shared.config import load_config
+from shared.names import TASKS
 from tests.conftest import env_without_plantsight, ports, redis_binary
 from tests.deploy.helpers import (COMPOSE, COMPOSE_CONFIG, DEPLOY, DOCKERFILE, ROOT, RUNNABLE, MissingVariable,
                                   compose, compose_variables, dockerfile_instructions, env_example, healthcheck_code,

@@ -339,4 +339,5 @@ def test_an_unreadable_token_file_turns_acknowledging_off_but_not_alerting(tmp_p
 
     missing = tmp_path / "no-such-token"
     assert operator_token({"PLANTSIGHT_VIEWER_OPERATOR_TOKEN_FILE": str(missing)}) is None
-    assert f"PLANTSIGHT_VIEWER_OPERATOR_TOKEN_FILE={missing} cannot be read" in caplog.text
+    assert f"PLANTSIGHT_VIEWER_OPERATOR_TOKEN_FILE={missing}: cannot read the file" in caplog.text
+    assert "acknowledging over HTTP is off" in caplog.text

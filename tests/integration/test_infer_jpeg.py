@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.inference.jpeg import DeviceDecoder, PreparedJpeg, decode_prepared, plan
+from services.inference.jpeg import DeviceDecoder
+from shared.messages import PreparedJpeg, decode_prepared
 from services.inference.service import InferService
-from services.preprocess.prepare import prepare
+from shared.prepare import plan, prepare
 from services.preprocess.service import PreprocessService
 from shared.config import load_config
 from shared.data.scenes import scene_from_source

@@ -25,7 +25,7 @@ def test_tokens_from_files_win_over_the_environment(tmp_path):
     t = Tokens({"PLANTSIGHT_VIEWER_OPERATOR_TOKEN_FILE": str(f), "PLANTSIGHT_VIEWER_OPERATOR_TOKEN": "x" * 30})
     assert t.role_of_token(O) == OPERATOR
     assert t.role_of_token("x" * 30) is None
-    with pytest.raises(TokenError, match="cannot read the token file"):
+    with pytest.raises(TokenError, match="PLANTSIGHT_VIEWER_TOKEN_FILE=.*missing: cannot read the file"):
         Tokens({"PLANTSIGHT_VIEWER_TOKEN_FILE": str(tmp_path / "missing")})
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(TokenError, match="empty"):
