@@ -1,4 +1,4 @@
-"""The one typed configuration of plantsight (DESIGN §7).
+"""The one typed configuration of plantsight (docs/configuration.md, generated from this schema).
 
 Loaded once at start from a YAML file, then overridden by ``PLANTSIGHT_<SECTION>__<KEY>``
 environment variables. Every error names the key and the reason. Secrets are ``SecretStr``
@@ -18,20 +18,13 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from shared.config_base import ConfigError, Strict
+from shared.config_sinks import SINK_KINDS, Sink
 from shared.names import DEFAULT_PORTS, SERVICES, TASKS
 from shared.secret import read_secret
-from shared.templates import TemplateError, check_template
 
 Task = Literal[TASKS]
 ENV_PREFIX = "PLANTSIGHT_"
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key (``cameras[1].fps``) and the reason."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class OnFull(str, Enum):
@@ -235,79 +228,6 @@ class Rule(Strict):
         return {**self.params, **self.overrides.get(camera, {})}
 
 
-class Sink(Strict):
-    """Where alerts go. webhook/slack/teams/alertmanager POST over HTTP(S) to ``url``; mqtt publishes to the
-    broker at ``url`` (``mqtt://host:1883`` or ``mqtts://``); log writes a line."""
-
-    name: str
-    type: Literal["webhook", "log", "slack", "teams", "mqtt", "alertmanager"]
-    url: str | None = None
-    secret: SecretStr | None = None
-    secret_env: str | None = None
-    secret_file: Path | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    template: Path | None = Field(None, description="webhook: a Jinja2 template file for the JSON body")
-    timeout_s: float = Field(5.0, gt=0)
-    retries: int = Field(10, ge=0)
-    backoff_s: float = Field(0.5, gt=0)
-    backoff_max_s: float = Field(30.0, gt=0)
-    deadline_s: float = Field(900.0, gt=0, description="give up (dead-letter) after trying this long")
-    rate_per_min: float | None = Field(None, gt=0, description="at most this many deliveries a minute (the rest wait)")
-    burst: int = Field(1, ge=1, description="deliveries that may go at once before rate_per_min spaces them")
-    # mqtt
-    topic: str = Field("plantsight/{camera}/{rule}", description="mqtt: topic template ({camera}, {rule}, {severity}, {state})")
-    state_topic: str | None = Field("plantsight/{camera}/state", description="mqtt: retained per-camera state topic (null: none)")
-    qos: Literal[0, 1, 2] = 1
-    username: str | None = None
-    password: SecretStr | None = None
-    password_env: str | None = None
-    password_file: Path | None = None
-    tls_ca_file: Path | None = None
-    client_id: str | None = None
-    # alertmanager
-    resend_s: float = Field(60.0, gt=0, description="alertmanager: re-post firing alerts this often")
-
-    @model_validator(mode="after")
-    def _url(self):
-        if self.type in ("webhook", "slack", "teams", "alertmanager") and not (
-                self.url and re.match(r"^https?://", self.url)):
-            raise ValueError(f"{'an' if self.type[0] in 'aeiou' else 'a'} {self.type} sink needs url: http(s)://…")
-        if self.type == "mqtt" and not (self.url and re.match(r"^mqtts?://[^/]+", self.url)):
-            raise ValueError("an mqtt sink needs url: mqtt://host:port or mqtts://host:port")
-        if self.template is not None and self.type != "webhook":
-            raise ValueError("template applies to webhook sinks only")
-        for key, allowed in (("topic", ("camera", "rule", "severity", "state", "task")), ("state_topic", ("camera",))):
-            for word in re.findall(r"\{([^{}]*)\}", getattr(self, key) or ""):
-                if word not in allowed:
-                    raise ValueError(f"{key} has {{{word}}}; it may use {', '.join('{%s}' % a for a in allowed)}")
-            if re.search(r"[+#]", getattr(self, key) or ""):
-                raise ValueError(f"{key}: MQTT wildcards + and # cannot be published to")
-        if self.template is not None:
-            try:
-                check_template(self.template)
-            except TemplateError as e:
-                raise ValueError(str(e)) from None
-        return self
-
-    def signing_secret(self) -> str | None:
-        return read_secret(value=self.secret, env=self.secret_env, file=self.secret_file, what="secret_file")
-
-    def broker_password(self) -> str | None:
-        return read_secret(value=self.password, env=self.password_env, file=self.password_file, what="password_file")
-
-    def http_headers(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-        """``headers`` with each ``${NAME}`` read from the environment, so a token stays out of the
-        file and out of ``config check``; raises ConfigError naming a variable that is not set."""
-        env = os.environ if environ is None else environ
-
-        def value(m: re.Match) -> str:
-            if m.group(1) not in env:
-                raise ConfigError(f"sink {self.name}: header uses ${{{m.group(1)}}}, which is not set")
-            return env[m.group(1)]
-
-        return {k: re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value, v) for k, v in self.headers.items()}
-
-
 class AlertsConfig(Strict):
     camera_offline_s: float = Field(60.0, ge=0, description="built-in camera-offline alert after this long without frames (0: off)")
     camera_offline_sinks: list[str] = Field(default_factory=list, description="sinks of every pipeline-health alert")
@@ -416,20 +336,26 @@ class Config(Strict):
 DEFAULT_ARCH = {"classify": "simple_cnn", "detect": "simple_yolo", "segment": "unet_small", "thermal": "thermal_cnn"}
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
+def _loc(loc: tuple) -> tuple[str, str | None]:
+    """(``alerts.sinks[0].url``, the sink kind when the location passed through one)."""
+    out, kind = "", None
+    for prev, part in zip((None, *loc), loc):
+        if isinstance(prev, int) and part in SINK_KINDS:  # pydantic names the union member taken: not a key
+            kind = part
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
+    return out or "(top level)", kind
 
 
 def _format(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {len(err.errors())} problem(s) in the configuration"]
     for e in err.errors():
+        where, kind = _loc(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see DESIGN §7 / README for the keys)"
-        lines.append(f"  {_loc(e['loc'])}: {msg}")
+            msg = (f"unknown key for a {kind} sink" if kind else "unknown key") + \
+                " (check the spelling; docs/configuration.md lists the keys)"
+        lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from services.alerting.sinks.base import TokenBucket
 from shared.config import ConfigError, load_config
+from shared.config_sinks import AlertmanagerSinkConfig, MqttSinkConfig
 
 
 def sink_config(**sink) -> dict:
@@ -22,7 +23,11 @@ def sink_config(**sink) -> dict:
     ({"type": "mqtt", "url": "http://b:1883"}, "an mqtt sink needs url: mqtt://host:port or mqtts://host:port"),
     ({"type": "alertmanager", "url": "alertmanager:9093"}, "an alertmanager sink needs url: http(s)://…"),
     ({"type": "slack", "url": "https://hooks.slack.com/x", "template": "t.j2"},
-     "template applies to webhook sinks only"),
+     "alerts.sinks[0].template: unknown key for a slack sink"),
+    ({"type": "mqtt", "url": "mqtt://b:1883", "headers": {"X-Token": "t"}},
+     "alerts.sinks[0].headers: unknown key for a mqtt sink"),
+    ({"type": "webhook"}, "alerts.sinks[0].url: Field required"),
+    ({"type": "pager", "url": "https://h/x"}, "alerts.sinks[0]: Input tag 'pager' found using 'type' does not match"),
     ({"type": "webhook", "url": "https://h/x", "rate_per_min": 0}, "rate_per_min: Input should be greater than 0"),
     ({"type": "webhook", "url": "https://h/x", "burst": 0}, "burst: Input should be greater than or equal to 1"),
     ({"type": "mqtt", "url": "mqtt://b:1883", "qos": 3}, "qos: Input should be 0, 1 or 2"),
@@ -37,8 +42,10 @@ def test_good_sink_settings_load():
     cfg = load_config(data=sink_config(type="mqtt", url="mqtts://b:8883", topic="site/{severity}/{camera}/{rule}",
                                        state_topic=None, qos=2), environ={})
     s = cfg.alerts.sinks[0]
-    assert (s.topic, s.state_topic, s.qos, s.burst, s.rate_per_min, s.resend_s) == (
-        "site/{severity}/{camera}/{rule}", None, 2, 1, None, 60.0)
+    assert type(s) is MqttSinkConfig
+    assert (s.topic, s.state_topic, s.qos, s.burst, s.rate_per_min) == ("site/{severity}/{camera}/{rule}", None, 2, 1, None)
+    am = load_config(data=sink_config(type="alertmanager", url="http://am:9093"), environ={}).alerts.sinks[0]
+    assert type(am) is AlertmanagerSinkConfig and am.resend_s == 60.0
 
 
 def test_the_mqtt_password_is_masked_in_config_check(monkeypatch):

@@ -22,10 +22,10 @@ import time
 
 import httpx
 
-from shared.config import Sink
+from shared.config_sinks import AlertmanagerSinkConfig
 from shared.messages import Alert
 
-from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, Target, json_bytes,
+from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, HttpTarget, json_bytes,
                                           links, post)
 from shared.templates import episode_of, iso_time
 
@@ -66,8 +66,8 @@ def am_annotations(alert: Alert, link: dict[str, str | None]) -> dict[str, str]:
     return out
 
 
-class AlertmanagerSink(Target):
-    def __init__(self, sink: Sink, ctx: Context):
+class AlertmanagerSink(HttpTarget):
+    def __init__(self, sink: AlertmanagerSinkConfig, ctx: Context):
         super().__init__(sink, ctx)
         self.client = httpx.Client(timeout=sink.timeout_s)
         self.api = sink.url.rstrip("/") + "/api/v2/alerts"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import httpx
 import redis
 
-from shared.config import Config, Sink
+from shared.config import Config
+from shared.config_sinks import HttpSinkConfig, Sink
 from shared.messages import Alert
 from shared.templates import episode_of
 
@@ -47,7 +48,6 @@ class Target:
 
     def __init__(self, sink: Sink, ctx: Context):
         self.sink, self.ctx = sink, ctx
-        self.headers = sink.http_headers()  # ${NAME} read now: a missing variable stops the start, named
 
     def send(self, alert: Alert) -> None:
         raise NotImplementedError
@@ -60,6 +60,14 @@ class Target:
 
     def close(self) -> None:
         pass
+
+
+class HttpTarget(Target):
+    """A sink type that POSTs over HTTP(S): its configured headers are resolved once, at start."""
+
+    def __init__(self, sink: HttpSinkConfig, ctx: Context):
+        super().__init__(sink, ctx)
+        self.headers = sink.http_headers()  # ${NAME} read now: a missing variable stops the start, named
 
 
 def links(cfg: Config, alert: Alert) -> dict[str, str | None]:

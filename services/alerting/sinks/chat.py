@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import httpx
 
-from shared.config import Sink
+from shared.config_sinks import SlackSinkConfig, TeamsSinkConfig
 from shared.messages import Alert
 
-from services.alerting.sinks.base import Context, Target, describe, json_bytes, links, post
+from services.alerting.sinks.base import Context, HttpTarget, describe, json_bytes, links, post
 from shared.templates import iso_time
 
 ICON = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
@@ -82,10 +82,10 @@ def teams_message(alert: Alert, link: dict[str, str | None]) -> dict:
                              "content": card}]}
 
 
-class _ChatSink(Target):
+class _ChatSink(HttpTarget):
     build = staticmethod(slack_message)
 
-    def __init__(self, sink: Sink, ctx: Context):
+    def __init__(self, sink: SlackSinkConfig | TeamsSinkConfig, ctx: Context):
         super().__init__(sink, ctx)
         self.client = httpx.Client(timeout=sink.timeout_s)
 

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shared.config import ConfigError, Sink
+from shared.config import ConfigError
+from shared.config_sinks import MqttSinkConfig
 from shared.messages import Alert
 
 from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, Target, json_bytes,
@@ -54,7 +55,7 @@ def state_entry(alert: Alert, link: dict[str, str | None]) -> dict:
 
 
 class MqttSink(Target):
-    def __init__(self, sink: Sink, ctx: Context):
+    def __init__(self, sink: MqttSinkConfig, ctx: Context):
         super().__init__(sink, ctx)
         url = urlsplit(sink.url)
         self.tls = url.scheme == "mqtts"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from shared.config import Sink
+from shared.config_sinks import Sink
 from shared.messages import Alert
 
 from services.alerting.sinks.alertmanager import AlertmanagerSink

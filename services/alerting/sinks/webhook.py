@@ -14,11 +14,12 @@ import time
 
 import httpx
 
-from shared.config import ConfigError, Sink
+from shared.config import ConfigError
+from shared.config_sinks import WebhookSinkConfig
 from shared.messages import Alert
 
 from shared import templates
-from services.alerting.sinks.base import Context, Delivery, Target, json_bytes, links, post
+from services.alerting.sinks.base import Context, Delivery, HttpTarget, json_bytes, links, post
 from shared.templates import alert_json
 
 
@@ -27,8 +28,8 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-class WebhookSink(Target):
-    def __init__(self, sink: Sink, ctx: Context):
+class WebhookSink(HttpTarget):
+    def __init__(self, sink: WebhookSinkConfig, ctx: Context):
         super().__init__(sink, ctx)
         self.secret = sink.signing_secret()
         self.template = None

@@ -18,7 +18,8 @@ import time
 
 from services.alerting.health import HEALTH_RULES
 from shared import metrics
-from shared.config import Config, Sink
+from shared.config import Config
+from shared.config_sinks import Sink
 from shared.messages import Alert, DecodeError
 from shared.streams import DeadLetters, Entry, GroupReader, Outbox, REDIS_DOWN
 
