@@ -207,7 +207,7 @@ def summarise(args, a: Snapshot, b: Snapshot, window: list, server) -> dict:
         "cpu_ms_per_frame_all_services": round(cpu_all / max(infer_n, 1) * 1000, 2),  # Redis included
         # what the same processes spent outside the networks (infer's metrics.ModelCpu), Redis included
         "cpu_outside_model_ms_per_frame": round((cpu_all - model_cpu) / max(infer_n, 1) * 1000, 2),
-        # the same less the alert service: what it costs to feed the model (the list: ingest, codec,
+        # the same less the alert service: what it costs to feed the model (ingest, codec,
         # Redis, decode, resize, batching), the alert rules on the results being work of their own
         "cpu_feeding_model_ms_per_frame": round((cpu_all - model_cpu - (b.cpu["alert"] - a.cpu["alert"]))
                                                 / max(infer_n, 1) * 1000, 2),

@@ -28,7 +28,7 @@ from shared.names import TASKS
 
 TRAIN_SEED, TEST_SEED = 0, 1000
 DEFAULT_N_TEST = {"classify": 200, "detect": 200, "segment": 200, "thermal": 200}
-# (metric, comparison, threshold): the CPU targets.
+# (metric, comparison, threshold): the CPU targets of docs/performance.md.
 TARGETS = {
     "classify": ("accuracy", ">=", 0.97),
     "detect": ("map50", ">=", 0.85),

@@ -1,4 +1,4 @@
-"""The ``plantsight`` command line (DESIGN §8)."""
+"""The ``plantsight`` command line."""
 
 from __future__ import annotations
 

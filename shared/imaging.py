@@ -36,8 +36,8 @@ def decode_jpeg(data: bytes, hw: tuple[int, int] | None = None, reduce: int = 1)
     allowed). The caller checks the shape against the message's.
 
     libjpeg-turbo through simplejpeg rather than ``cv2.imdecode``: it writes RGB itself (no BGR → RGB
-    pass) and decodes these 640×480 frames 8 % (at 1/2) and 17 % (full size) faster than OpenCV's copy,
-    to the same pixels (``tests/unit/test_imaging.py`` compares the two). It releases the GIL.
+    pass), which makes it faster than OpenCV's copy of libjpeg, to the same pixels
+    (``tests/unit/test_imaging.py`` compares the two). It releases the GIL.
     """
     if not data:
         return None
@@ -134,7 +134,7 @@ def resize_method(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
     """OpenCV's interpolation for one resize: area averaging when a side shrinks by more than 2, else bilinear.
 
     Down to half size bilinear's 2×2 taps still read every source pixel, so it shows what area averaging
-    shows at a fifth of its cost (0.1 against 0.58 ms for 320×240 → 224×224 here); below half it would skip
+    shows at a fraction of its cost; below half it would skip
     pixels and alias. A JPEG decoded at 1/2, 1/4 or 1/8 (``jpeg_reduction``) lands in bilinear's range
     unless the frame's aspect is far from the network's (1920×480 → 224×224 still averages across).
     """

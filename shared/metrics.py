@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN §5: one module, base units, ``_total`` counters, app prefix.
+"""Prometheus metrics (docs/metrics.md): one module, base units, ``_total`` counters, app prefix.
 
 Known label values are pre-created by the services (``precreate``) so dashboards show stable series.
 """

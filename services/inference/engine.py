@@ -1,13 +1,12 @@
 """How a task's network runs: eager, frozen TorchScript, ONNX Runtime or INT8, with AMP, channels-last,
 torch.compile and CUDA graphs as options (``inference.*`` in the config).
 
-The defaults come from measurements on the 2-core CPU this project runs on (the speed issue's figures,
-and ``plantsight bench engines``): a frozen TorchScript trace (``jit.trace`` → ``jit.freeze`` →
-``optimize_for_inference``) runs the SimpleCNN about 3× and resnet18 about 1.5× faster than eager.
-``int8`` (dynamic INT8 linear layers in the same trace) runs the SimpleCNN faster still, most of all
-in small batches, at the cost of outputs that are close to eager's rather than equal; ``onnx`` is
-faster alone but keeps less of it in the pipeline (README, "Choosing an engine on the CPU"). On CUDA
-the default is eager with fp16 autocast and channels-last. Every engine is checked against the eager
+On the CPU the default is a frozen TorchScript trace (``jit.trace`` → ``jit.freeze`` →
+``optimize_for_inference``): it removes Python from the forward pass and fuses layers, so it runs faster
+than eager. ``int8`` (dynamic INT8 linear layers in the same trace) is faster still for networks whose
+weights sit mostly in linear layers, at the cost of outputs close to eager's rather than equal; ``onnx``
+runs through ONNX Runtime. ``plantsight bench engines`` measures them on the machine at hand and
+docs/performance.md has the figures. On CUDA the default is eager with fp16 autocast and channels-last. Every engine is checked against the eager
 network on a random batch when it is built; one that fails to build or differs beyond tolerance falls
 back to eager with a warning naming the reason, so an option never stops a service that eager could run.
 """
@@ -119,10 +118,9 @@ def _int8(model: nn.Module, example: torch.Tensor, device: torch.device) -> nn.M
     """Linear layers dynamically quantised to INT8 (weights stored as int8, activations quantised per
     batch), the rest of the network frozen and traced as ``_torchscript`` does.
 
-    A quarter of the weight bytes to read from memory: the SimpleCNN keeps 51.4 M of its 51.5 M weights in
-    one 100k×512 linear layer, which in the fp32 trace costs more than all its convolutions at small
-    batches (53 against 33 ms for 3 frames on one thread here). The convolutions stay fp32 and traced:
-    run eagerly, as this engine used to, they made it 2–3× slower than the trace.
+    A quarter of the weight bytes to read from memory: a network that keeps most of its weights in a large
+    linear layer (the SimpleCNN: 51.4 M of 51.5 M) is bound by reading them at small batches. The
+    convolutions stay fp32 and traced, because eager convolutions would cost more than the trace saves.
     """
     if device.type != "cpu":
         raise RuntimeError("dynamic INT8 quantisation runs on the CPU only")

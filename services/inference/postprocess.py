@@ -1,4 +1,4 @@
-"""Map a network's output from prepared-image pixels back to the original frame (DESIGN §3 ``out``)."""
+"""Map a network's output from prepared-image pixels back to the original frame: the result's ``out``."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def hotspots_to_original(spots: list, msg: Prepared) -> list[list[float]]:
 
 
 def to_original(task: str, out: dict, msg: Prepared) -> dict:
-    """The DESIGN §3 ``out`` of one task for one frame."""
+    """The ``out`` of one task for one frame."""
     if task == "detect":
         return {"boxes": boxes_to_original(out["boxes"], msg), "classes": out["classes"]}
     if task == "segment":

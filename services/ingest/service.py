@@ -1,6 +1,6 @@
 """ingest: one thread per camera reads frames, stamps ``seq`` and ``ts``, and publishes to ``{P}:frames``.
 
-Back-pressure per camera (DESIGN §4): at most ``queue`` of a camera's frames wait for the stage that reads
+Back-pressure per camera: at most ``queue`` of a camera's frames wait for the stage that reads
 ``{P}:frames`` (preprocess; with ``inference.read_from: frames`` infer's group of every task, and a frame
 waits until all of them have read it). When full, ``block`` waits, ``drop_newest`` skips the new frame,
 ``drop_oldest`` deletes the camera's oldest frame that no reader has read yet (atomically, so a frame is

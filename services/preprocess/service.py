@@ -35,7 +35,7 @@ class PreprocessService(Service):
 
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
-        # OpenCV's worker threads gave no speed-up on 640×480 frames and cost CPU; more cores = more replicas.
+        # One frame at a time is too small for OpenCV's worker threads to pay off: more cores = more replicas.
         cv2.setNumThreads(1)
         self.cameras = {c.id: c for c in cfg.cameras}
         self.tasks = cfg.tasks()

@@ -1,4 +1,4 @@
-"""Loaders for the dataset formats plants already have (DESIGN §6).
+"""Loaders for the dataset formats plants already have.
 
 =========  ================  ====================================================================
 task       layout            files

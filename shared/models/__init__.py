@@ -1,4 +1,4 @@
-"""CNNs for plantsight (DESIGN §6): registry, task networks, model directories and the Predictor."""
+"""CNNs for plantsight: registry, task networks, model directories and the Predictor."""
 
 # Importing the task modules registers their architectures.
 from . import classify, detect, segment, thermal  # noqa: F401

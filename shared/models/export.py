@@ -5,7 +5,7 @@
 is loaded and run beside the eager network on a random normalised batch of another batch size,
 and an `ExportError` is raised when they differ by `atol` (1e-3) or more. `model.json` is left
 as it is: a directory holding `model.json` and `model.onnx` (with or without `model.pt`) is what
-`Predictor` runs through ONNX Runtime, by way of `OnnxModule` here (DESIGN §6).
+`Predictor` runs through ONNX Runtime, by way of `OnnxModule` here.
 """
 
 from __future__ import annotations

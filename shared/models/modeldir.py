@@ -1,4 +1,4 @@
-"""Model directories (DESIGN §6): `model.pt` (a state dict) beside `model.json` (what it is)."""
+"""Model directories: `model.pt` (a state dict) beside `model.json` (what it is)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from .modeldir import WEIGHTS, ModelMeta, build_for, default_meta, load_model_di
 from .registry import ModelError
 from .thermal import find_hotspots, radiometric_stats, to_kelvin
 
-# Thermal frames that arrive as centikelvin integers (DESIGN §3); uint8 ones carry no temperature.
+# Thermal frames that arrive as centikelvin integers; uint8 ones carry no temperature.
 _RADIOMETRIC = (torch.uint16, torch.int16, torch.int32, torch.int64)
 RUNTIMES = ("auto", "torch", "onnx")
 
@@ -110,8 +110,8 @@ class Predictor:
 
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
         # permute is a view: the NHWC → NCHW change happens on the device, not in preprocess. One converting
-        # copy into the layout the engine wants, then the multiply-add in place (4-6× faster on the CPU than
-        # out-of-place arithmetic on the permuted view followed by a contiguous copy).
+        # copy into the layout the engine wants, then the multiply-add in place (one pass over memory instead
+        # of out-of-place arithmetic on the permuted view followed by a contiguous copy).
         n, h, w, c = batch.shape
         x = torch.empty((n, c, h, w), dtype=torch.float32, device=batch.device, memory_format=self._memory_format)
         x.copy_(batch.permute(0, 3, 1, 2))

@@ -15,7 +15,7 @@ __all__ = ["add_parsers", "cmd_synth", "cmd_train", "cmd_eval", "cmd_export", "c
 
 FORMATS = ("onnx", "torchscript")
 
-# Keys printed first in text output (the issue's --json keys); everything else follows in --json.
+# Keys printed first in text output (the documented --json keys); everything else follows in --json.
 HEADLINE = ("accuracy", "macro_f1", "map50", "map50_95", "dice", "iou", "image_auroc",
             "mae_max_k", "mae_avg_k", "mae_min_k")
 
@@ -130,7 +130,7 @@ def cmd_explain(args) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add `synth`, `train`, `eval`, `export` and `explain` to the plantsight command line (DESIGN §8)."""
+    """Add `synth`, `train`, `eval`, `export` and `explain` to the plantsight command line."""
     sy = sub.add_parser("synth", help="write a synthetic dataset of a task's scene in its training layout")
     sy.add_argument("task", choices=TASKS)
     sy.add_argument("--out", required=True, metavar="DIR")

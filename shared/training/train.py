@@ -38,7 +38,7 @@ DEFAULTS = {
     "segment": {"arch": "unet_small", "epochs": 5, "batch_size": 8, "lr": 1e-3, "n": 400},
     "thermal": {"arch": "thermal_cnn", "epochs": 10, "batch_size": 16, "lr": 1e-3, "n": 500},
 }
-# Builder options used on CPU unless given: the chapter's SimpleYOLO at half width is ~4× cheaper.
+# Builder options used on CPU unless given: the chapter's SimpleYOLO at half width trains in a CPU's time.
 CPU_OPTIONS = {"simple_yolo": {"width": 0.5}}
 TRANSFER_ARCHS = ("resnet18", "resnet50", "efficientnet_b0")
 CURVES = "training_curves.png"

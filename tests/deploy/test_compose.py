@@ -296,7 +296,7 @@ def compose_command_services(text: str) -> set[str]:
 
 
 def test_deploy_docs_cover_the_issue_and_name_real_services():
-    """deploy/README.md has the sections the issue asks for, its URLs use the compose ports, and every
+    """deploy/README.md has the sections an operator needs, its URLs use the compose ports, and every
     `docker compose` command in it and in the runbook names a service that exists."""
     readme = (DEPLOY / "README.md").read_text()
     headings = re.findall(r"^## (.+)$", readme, re.M)

@@ -1,4 +1,4 @@
-"""The benchmarks run and print the JSON the issue asks for (figures are not judged here: tests time nothing)."""
+"""The benchmarks run and print their documented JSON (figures are not judged here: tests time nothing)."""
 
 from __future__ import annotations
 

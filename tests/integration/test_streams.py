@@ -1,4 +1,4 @@
-"""Stream helpers against a real Redis: trimming, ack with output, claiming, dead letters, lag (DESIGN §2)."""
+"""Stream helpers against a real Redis: trimming, ack with output, claiming, dead letters, lag."""
 
 from __future__ import annotations
 

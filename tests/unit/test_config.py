@@ -1,4 +1,4 @@
-"""The typed config (DESIGN §7): the example loads, every error names its key, env overrides, secrets stay secret."""
+"""The typed config: the example loads, every error names its key, env overrides, secrets stay secret."""
 
 from __future__ import annotations
 

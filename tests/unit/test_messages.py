@@ -1,4 +1,4 @@
-"""The message codec (DESIGN §3): round trips, zero-copy arrays, and one error type for every bad input."""
+"""The message codec: round trips, zero-copy arrays, and one error type for every bad input."""
 
 from __future__ import annotations
 
