@@ -6,8 +6,11 @@ under ``/api/`` that the pages use (and anyone else may: see the README). Everyt
 ``/api/cameras/<id>/live.mjpg`` in an ``<img>``; one rendering per camera and frame is shared by all
 viewers, so ten people watching cost what one does. An alert's evidence clip plays the same way
 (``/api/alerts/<id>/clip.mjpg``): browsers do not play the MPEG-4 Part 2 that ``clip.mp4`` holds, and
-encoding a browser format (VP8) cost the alert service 105 ms of CPU per 640×480 frame here against 2.2
-for mp4v, so the clip is decoded and sent as JPEG pictures only while someone watches it.
+encoding a format they play (VP8) costs the alert service many times the CPU of mp4v for every frame of
+every alert, so the clip is decoded and sent as JPEG pictures only while someone watches it.
+
+Requests are dispatched by one table, ``ROUTES``: a method and a path pattern name the handler, so every
+URL the viewer answers, and whether it needs a token, reads in one place.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import parse_qs, quote
 
 import cv2
@@ -32,10 +36,9 @@ from services.viewer.auth import LOGOUT_COOKIE, OPERATOR, Tokens
 from services.viewer.data import ViewerData, valid_alert_id
 
 STATIC = Path(__file__).with_name("static")
-# path → (the page's <main> in static/, its title, the page name app.js dispatches on); one layout for all
-PAGES = {"/": ("grid.html", "Cameras", "grid"), "/alerts": ("alerts.html", "Alerts", "alerts"),
-         "/health": ("health.html", "Health", "health"), "camera": ("camera.html", "Camera", "camera"),
-         "alert": ("alert.html", "Alert", "alert")}
+# page name (the one app.js dispatches on) → (the page's <main> in static/, its title); one layout for all
+PAGES = {"grid": ("grid.html", "Cameras"), "alerts": ("alerts.html", "Alerts"), "health": ("health.html", "Health"),
+         "camera": ("camera.html", "Camera"), "alert": ("alert.html", "Alert")}
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
 EVIDENCE_TYPES = {"snapshot.jpg": "image/jpeg", "clip.mp4": "video/mp4", "evidence.json": "application/json"}
@@ -51,6 +54,78 @@ SAFE_PATH = re.compile(r"/(?![/\\])[^\\\s]*")
 BOUNDARY = "plantsightframe"
 MJPEG_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
 MAX_CLIP_PLAYS = 4  # clips playing at once (each decodes and encodes its own pictures); more get 503
+
+
+class Route(NamedTuple):
+    """One line of the route table.
+
+    ``methods``: the methods it answers, space-separated, ``"*"`` for all that the HTTP server passes
+    on (GET, HEAD, POST); ``pattern``: a regular expression the whole path must match; ``handler``: the
+    name of the `ViewerService` method that answers, called as ``handler(req, who, **groups, **args)``
+    with the pattern's named groups and the route's fixed ``args``; ``public``: answered without a token
+    (the login page and what it needs).
+    """
+
+    methods: str
+    pattern: str
+    handler: str
+    public: bool = False
+    args: dict[str, str] = {}
+
+
+class Who(NamedTuple):
+    """The caller: their role (READ, OPERATOR, or None without a valid token) and how they proved it
+    (``"bearer"``, ``"cookie"`` or ``""``)."""
+
+    role: str | None
+    how: str
+
+
+# The first route whose methods hold the request's method and whose pattern matches its path (without a
+# trailing "/") answers; a path no route matches is 404, and so is a handler's None. Every route but the
+# public ones needs a token, checked before the handler runs. Under a camera or an alert, a path that no
+# other route takes still says when the camera is unknown or the id is not a UUID.
+ROUTES = (
+    # the login page and what it needs: no token
+    Route("*", r"/static/(?P<name>.*)", "static", public=True),
+    Route("GET HEAD", r"/login", "login_form", public=True),
+    Route("POST", r"/login", "login", public=True),
+    Route("*", r"/logout", "logout", public=True),
+    # the JSON API: reads, and one write (acknowledging an alert)
+    Route("GET HEAD", r"/api/me", "api_me"),
+    Route("GET HEAD", r"/api/cameras", "api_cameras"),
+    Route("GET HEAD", r"/api/cameras/(?P<camera>[^/]*)", "api_camera"),
+    Route("GET HEAD", r"/api/cameras/(?P<camera>[^/]*)/frame\.jpg", "api_frame"),
+    Route("GET HEAD", r"/api/cameras/(?P<camera>[^/]*)/live\.mjpg", "api_live"),
+    Route("GET HEAD", r"/api/cameras/(?P<camera>[^/]*)/.*", "api_camera_other"),
+    Route("GET HEAD", r"/api/alerts", "api_alerts"),
+    Route("GET HEAD", r"/api/alerts/(?P<alert_id>[^/]*)", "api_alert"),
+    Route("GET HEAD", r"/api/alerts/(?P<alert_id>[^/]*)/(?P<name>snapshot\.jpg|clip\.mp4|evidence\.json)",
+          "api_evidence"),
+    Route("GET HEAD", r"/api/alerts/(?P<alert_id>[^/]*)/clip\.mjpg", "api_clip"),
+    Route("GET HEAD", r"/api/alerts/(?P<alert_id>[^/]*)/.*", "api_alert_other"),
+    Route("GET HEAD", r"/api/streams", "api_streams"),
+    Route("GET HEAD", r"/api/services", "api_services"),
+    Route("POST", r"/api/alerts/(?P<alert_id>[^/]*)/ack", "ack"),
+    Route("POST", r"(?P<path>/api/.*)", "post_not_allowed"),
+    # the pages: one layout around each page's <main>
+    Route("*", r"/", "page", args={"name": "grid"}),
+    Route("*", r"/alerts", "page", args={"name": "alerts"}),
+    Route("*", r"/health", "page", args={"name": "health"}),
+    Route("*", r"/cameras/[^/]+", "page", args={"name": "camera"}),
+    Route("*", r"/alerts/[^/]+", "page", args={"name": "alert"}),
+)
+_COMPILED = tuple((frozenset(r.methods.split()), re.compile(r.pattern), r) for r in ROUTES)
+
+
+def find_route(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    """The first route for ``method`` and ``path`` with the pattern's named groups, or None."""
+    for methods, pattern, route in _COMPILED:
+        if "*" in methods or method in methods:
+            m = pattern.fullmatch(path)
+            if m:
+                return route, m.groupdict()
+    return None
 
 
 def mjpeg_part(jpeg: bytes, header: str, value) -> bytes:
@@ -158,41 +233,37 @@ class ViewerService(Service):
             with self._clip_lock:
                 self._clip_plays -= 1
 
-    # --- HTTP ----------------------------------------------------------------------------
+    # --- HTTP: the gate, then the route table ------------------------------------------------------
     def handle_http(self, req: HttpRequest) -> HttpResponse | None:
         path = req.path.rstrip("/") or "/"
-        if path.startswith("/static/"):
-            return self.static(path[len("/static/"):])
-        if path == "/login":
-            return self.login(req)
-        if path == "/logout":
-            return HttpResponse(303, b"", headers={"Location": "/login", "Set-Cookie": LOGOUT_COOKIE})
-        role, how = self.tokens.role(req.headers)
-        link_token = (req.query.get("token") or [None])[0]
-        if role is None and link_token and not path.startswith("/api/"):
-            # A ?token= link: set the cookie and send the browser on without the token in the address bar.
-            if self.tokens.role_of_token(link_token) is None:
-                return self.login_page(401, "That link's token is not valid.")
-            rest = {k: v for k, v in req.query.items() if k != "token"}
-            target = (path if SAFE_PATH.fullmatch(path) else "/") + ("?" + "&".join(f"{quote(k)}={quote(x)}" for k, vs in rest.items() for x in vs) if rest else "")
-            return HttpResponse(303, b"", headers={"Location": target, "Set-Cookie": self.tokens.cookie_header(link_token, self.secure(req))})
-        if role is None:
-            if path.startswith("/api/"):
-                return HttpResponse(401, b'{"error": "a token is required (Authorization: Bearer ...)"}',
-                                    "application/json", {"WWW-Authenticate": 'Bearer realm="plantsight"'})
-            return HttpResponse(303, b"", headers={"Location": "/login?next=" + quote(path)})
-        if path.startswith("/api/"):
-            return self.api(req, path, role, how)
-        if path in PAGES:
-            return self.page(*PAGES[path])
-        if re.fullmatch(r"/cameras/[^/]+", path):
-            return self.page(*PAGES["camera"])
-        if re.fullmatch(r"/alerts/[^/]+", path):
-            return self.page(*PAGES["alert"])
-        return None
+        found = find_route(req.method, path)
+        who = Who(*self.tokens.role(req.headers))
+        if who.role is None and not (found and found[0].public):
+            return self.refuse(req, path)
+        if found is None:
+            return None
+        route, groups = found
+        return getattr(self, route.handler)(req, who, **groups, **route.args)
 
-    def page(self, main: str, title: str, name: str) -> HttpResponse:
+    def refuse(self, req: HttpRequest, path: str) -> HttpResponse:
+        """A request without a valid token: 401 from the API; a page sends the browser to the login form,
+        or, with a valid ``?token=`` link, sets the cookie and sends it on without the token in the address."""
+        if path.startswith("/api/"):
+            return HttpResponse(401, b'{"error": "a token is required (Authorization: Bearer ...)"}',
+                                "application/json", {"WWW-Authenticate": 'Bearer realm="plantsight"'})
+        link_token = (req.query.get("token") or [None])[0]
+        if not link_token:
+            return HttpResponse(303, b"", headers={"Location": "/login?next=" + quote(path)})
+        if self.tokens.role_of_token(link_token) is None:
+            return self.login_page(401, "That link's token is not valid.")
+        rest = "&".join(f"{quote(k)}={quote(x)}" for k, vs in req.query.items() if k != "token" for x in vs)
+        target = (path if SAFE_PATH.fullmatch(path) else "/") + (f"?{rest}" if rest else "")
+        cookie = self.tokens.cookie_header(link_token, self.secure(req))
+        return HttpResponse(303, b"", headers={"Location": target, "Set-Cookie": cookie})
+
+    def page(self, req: HttpRequest, who: Who, name: str) -> HttpResponse:
         """static/layout.html around the page's own <main> (fixed strings only: no data goes into HTML)."""
+        main, title = PAGES[name]
         html = ((STATIC / "layout.html").read_text().replace("{{title}}", title).replace("{{page}}", name)
                 .replace("{{main}}", (STATIC / main).read_text()))
         return HttpResponse(200, html.encode(), CONTENT_TYPES[".html"], dict(SECURITY_HEADERS))
@@ -202,7 +273,7 @@ class ViewerService(Service):
         return (req.headers.get("X-Forwarded-Proto", "").lower() == "https"
                 or (self.cfg.alerts.public_url or "").startswith("https://"))
 
-    def static(self, name: str) -> HttpResponse:
+    def static(self, req: HttpRequest, who: Who, name: str) -> HttpResponse:
         path = STATIC / name
         if "/" in name or name.startswith(".") or not path.is_file():
             return HttpResponse(404, b"not found\n")
@@ -213,9 +284,10 @@ class ViewerService(Service):
         page = (STATIC / "login.html").read_text().replace("{{message}}", message)
         return HttpResponse(code, page.encode(), CONTENT_TYPES[".html"], dict(SECURITY_HEADERS))
 
-    def login(self, req: HttpRequest) -> HttpResponse:
-        if req.method != "POST":
-            return self.login_page()
+    def login_form(self, req: HttpRequest, who: Who) -> HttpResponse:
+        return self.login_page()
+
+    def login(self, req: HttpRequest, who: Who) -> HttpResponse:
         form = parse_qs(req.body.decode(errors="replace"))
         token = (form.get("token") or [""])[0].strip()
         nxt = (form.get("next") or ["/"])[0]
@@ -224,70 +296,96 @@ class ViewerService(Service):
         if self.tokens.role_of_token(token) is None:
             self.log.warning("viewer login refused (wrong token)")
             return self.login_page(401, "That token is not valid.")
-        return HttpResponse(303, b"", headers={"Location": nxt, "Set-Cookie": self.tokens.cookie_header(token, self.secure(req))})
+        cookie = self.tokens.cookie_header(token, self.secure(req))
+        return HttpResponse(303, b"", headers={"Location": nxt, "Set-Cookie": cookie})
 
-    def api(self, req: HttpRequest, path: str, role: str, how: str) -> HttpResponse | None:
+    def logout(self, req: HttpRequest, who: Who) -> HttpResponse:
+        return HttpResponse(303, b"", headers={"Location": "/login", "Set-Cookie": LOGOUT_COOKIE})
+
+    # --- the JSON API ------------------------------------------------------------------------------
+    def api_me(self, req: HttpRequest, who: Who) -> HttpResponse:
+        return _json({"role": who.role})
+
+    def api_cameras(self, req: HttpRequest, who: Who) -> HttpResponse:
+        return _json(self.data.cameras())
+
+    def unknown_camera(self, camera: str) -> HttpResponse | None:
+        """404 for a camera the config does not name, else None."""
+        return None if camera in self.data.cameras_cfg else _error(404, f"no camera {camera!r}")
+
+    def api_camera(self, req: HttpRequest, who: Who, camera: str) -> HttpResponse:
+        return self.unknown_camera(camera) or _json(self.data.camera(camera))
+
+    def api_frame(self, req: HttpRequest, who: Who, camera: str) -> HttpResponse:
+        if refused := self.unknown_camera(camera):
+            return refused
+        got = self.render(camera)
+        if got is None:
+            return _error(404, f"camera {camera!r} has no frame in the stream yet")
+        return HttpResponse(200, got[1], "image/jpeg", {**SECURITY_HEADERS, "X-Frame-Id": got[0]})
+
+    def api_live(self, req: HttpRequest, who: Who, camera: str) -> HttpResponse:
+        if refused := self.unknown_camera(camera):
+            return refused
+        return HttpResponse(200, self.live(camera), MJPEG_TYPE, dict(SECURITY_HEADERS))
+
+    def api_camera_other(self, req: HttpRequest, who: Who, camera: str) -> HttpResponse | None:
+        return self.unknown_camera(camera)  # a camera's other paths: 404 either way, naming an unknown camera
+
+    def api_alerts(self, req: HttpRequest, who: Who) -> HttpResponse:
         q = {k: v[0] for k, v in req.query.items() if v}
-        parts = path.split("/")[2:]  # /api/a/b → [a, b]
-        if req.method == "POST":
-            if len(parts) == 3 and parts[0] == "alerts" and parts[2] == "ack":
-                return self.ack(req, parts[1], role, how)
-            return _error(405, f"POST is not allowed on {path}")
-        if parts == ["me"]:
-            return _json({"role": role})
-        if parts == ["cameras"]:
-            return _json(self.data.cameras())
-        if len(parts) >= 2 and parts[0] == "cameras":
-            camera = parts[1]
-            if camera not in self.data.cameras_cfg:
-                return _error(404, f"no camera {camera!r}")
-            if len(parts) == 2:
-                return _json(self.data.camera(camera))
-            if parts[2:] == ["frame.jpg"]:
-                got = self.render(camera)
-                if got is None:
-                    return _error(404, f"camera {camera!r} has no frame in the stream yet")
-                return HttpResponse(200, got[1], "image/jpeg", {**SECURITY_HEADERS, "X-Frame-Id": got[0]})
-            if parts[2:] == ["live.mjpg"]:
-                return HttpResponse(200, self.live(camera), MJPEG_TYPE, dict(SECURITY_HEADERS))
-            return None
-        if parts == ["alerts"]:
-            limit = int(q["limit"]) if q.get("limit", "").isdigit() else 200
-            return _json(self.data.alerts(q.get("camera"), q.get("rule"), q.get("severity"), q.get("state"),
-                                          limit=min(limit, 2000)))
-        if len(parts) >= 2 and parts[0] == "alerts":
-            alert_id = parts[1]
-            if not valid_alert_id(alert_id):
-                return _error(404, "alert ids are UUIDs")
-            if len(parts) == 2:
-                alert = self.data.alert(alert_id)
-                return _json(alert) if alert else _error(404, f"no alert {alert_id}")
-            if len(parts) == 3 and parts[2] in EVIDENCE_TYPES:
-                file = self.data.evidence_path(alert_id, parts[2])
-                if file is None:
-                    return _error(404, f"alert {alert_id} has no {parts[2]}")
-                headers = dict(SECURITY_HEADERS)
-                if parts[2] == "clip.mp4":
-                    headers["Content-Disposition"] = f'attachment; filename="{alert_id}.mp4"'
-                return HttpResponse(200, file.read_bytes(), EVIDENCE_TYPES[parts[2]], headers)
-            if parts[2:] == ["clip.mjpg"]:
-                file = self.data.evidence_path(alert_id, "clip.mp4")
-                if file is None:
-                    return _error(404, f"alert {alert_id} has no clip.mp4")
-                if self._clip_plays >= MAX_CLIP_PLAYS:
-                    return _error(503, f"{MAX_CLIP_PLAYS} clips are playing already: try again, or download clip.mp4")
-                return HttpResponse(200, self.play_clip(alert_id, file), MJPEG_TYPE, dict(SECURITY_HEADERS))
-            return None
-        if parts == ["streams"]:
-            return _json(self.data.streams())
-        if parts == ["services"]:
-            return _json(self.data.services())
-        return None
+        limit = int(q["limit"]) if q.get("limit", "").isdigit() else 200
+        return _json(self.data.alerts(q.get("camera"), q.get("rule"), q.get("severity"), q.get("state"),
+                                      limit=min(limit, 2000)))
 
-    def ack(self, req: HttpRequest, alert_id: str, role: str, how: str) -> HttpResponse:
-        if role != OPERATOR:
+    @staticmethod
+    def invalid_alert(alert_id: str) -> HttpResponse | None:
+        """404 for an id that is not a UUID, else None."""
+        return None if valid_alert_id(alert_id) else _error(404, "alert ids are UUIDs")
+
+    def api_alert(self, req: HttpRequest, who: Who, alert_id: str) -> HttpResponse:
+        if refused := self.invalid_alert(alert_id):
+            return refused
+        alert = self.data.alert(alert_id)
+        return _json(alert) if alert else _error(404, f"no alert {alert_id}")
+
+    def api_evidence(self, req: HttpRequest, who: Who, alert_id: str, name: str) -> HttpResponse:
+        if refused := self.invalid_alert(alert_id):
+            return refused
+        file = self.data.evidence_path(alert_id, name)
+        if file is None:
+            return _error(404, f"alert {alert_id} has no {name}")
+        headers = dict(SECURITY_HEADERS)
+        if name == "clip.mp4":
+            headers["Content-Disposition"] = f'attachment; filename="{alert_id}.mp4"'
+        return HttpResponse(200, file.read_bytes(), EVIDENCE_TYPES[name], headers)
+
+    def api_clip(self, req: HttpRequest, who: Who, alert_id: str) -> HttpResponse:
+        if refused := self.invalid_alert(alert_id):
+            return refused
+        file = self.data.evidence_path(alert_id, "clip.mp4")
+        if file is None:
+            return _error(404, f"alert {alert_id} has no clip.mp4")
+        if self._clip_plays >= MAX_CLIP_PLAYS:
+            return _error(503, f"{MAX_CLIP_PLAYS} clips are playing already: try again, or download clip.mp4")
+        return HttpResponse(200, self.play_clip(alert_id, file), MJPEG_TYPE, dict(SECURITY_HEADERS))
+
+    def api_alert_other(self, req: HttpRequest, who: Who, alert_id: str) -> HttpResponse | None:
+        return self.invalid_alert(alert_id)  # an alert's other paths: 404 either way, naming a bad id
+
+    def api_streams(self, req: HttpRequest, who: Who) -> HttpResponse:
+        return _json(self.data.streams())
+
+    def api_services(self, req: HttpRequest, who: Who) -> HttpResponse:
+        return _json(self.data.services())
+
+    def post_not_allowed(self, req: HttpRequest, who: Who, path: str) -> HttpResponse:
+        return _error(405, f"POST is not allowed on {path}")
+
+    def ack(self, req: HttpRequest, who: Who, alert_id: str) -> HttpResponse:
+        if who.role != OPERATOR:
             return _error(403, "acknowledging needs the operator token")
-        if how == "cookie" and req.headers.get("X-Requested-With") != "plantsight":
+        if who.how == "cookie" and req.headers.get("X-Requested-With") != "plantsight":
             return _error(403, "a page must send X-Requested-With: plantsight")  # no cross-site form posts
         if not valid_alert_id(alert_id):
             return _error(404, "alert ids are UUIDs")
@@ -297,8 +395,13 @@ class ViewerService(Service):
             return _error(400, "the body must be JSON (or empty)")
         note = str(body.get("note", ""))[:500] if isinstance(body, dict) else ""
         try:
-            record = acknowledge(self.r, self.names.prefix, alert_id, by=f"viewer ({how})", note=note)
+            record = acknowledge(self.r, self.names.prefix, alert_id, by=f"viewer ({who.how})", note=note)
         except UnknownAlert:
             return _error(404, f"no alert {alert_id}")
         self.log.info("alert %s acknowledged from the viewer", alert_id)
         return _json({"id": alert_id, "ack": record})
+
+
+_unhandled = sorted({r.handler for r in ROUTES} - set(dir(ViewerService)))
+if _unhandled:  # a typo in the table fails at import, not on the first request that takes the route
+    raise TypeError(f"ROUTES name handlers that ViewerService lacks: {', '.join(_unhandled)}")
