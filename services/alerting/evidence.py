@@ -32,7 +32,7 @@ import numpy as np
 import redis
 
 from shared.config import Config
-from shared.imaging import decode_frame
+from shared.imaging import decode_frame, stretch
 from shared.messages import Alert, DecodeError, Frame, Result
 from shared.overlay import draw, encode_jpeg
 from shared.streams import REDIS_DOWN, Names, parse_id
@@ -234,7 +234,8 @@ class EvidenceStore:
         if self._classifier is None and self._classifier_error is None:
             mc = self.cfg.model("classify")
             try:
-                from shared.models import Predictor
+                # torch is loaded only when a classify alert asks for Grad-CAM: the alert service starts without it
+                from shared.models import Predictor  # noqa: PLC0415
 
                 p = Predictor.from_spec("classify", path=str(mc.path) if mc.path else None,
                                         arch=None if mc.path else mc.arch, device="cpu")
@@ -252,10 +253,9 @@ class EvidenceStore:
             facts["notes"].append(f"no Grad-CAM: the classify model cannot be loaded ({self._classifier_error})")
             return None
         try:
-            import torch
+            import torch  # noqa: PLC0415 (see _load_classifier)
 
-            from shared.imaging import stretch
-            from shared.models.gradcam import gradcam
+            from shared.models.gradcam import gradcam  # noqa: PLC0415
 
             img = image if image.ndim == 3 else image[:, :, None]
             if img.shape[2] == 1 and predictor.meta.channels == 3:

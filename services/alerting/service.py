@@ -19,10 +19,8 @@ import dataclasses
 import hmac
 import json
 import logging
-import os
 import re
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -6,8 +6,8 @@ On the CPU the default is a frozen TorchScript trace (``jit.trace`` → ``jit.fr
 than eager. ``int8`` (dynamic INT8 linear layers in the same trace) is faster still for networks whose
 weights sit mostly in linear layers, at the cost of outputs close to eager's rather than equal; ``onnx``
 runs through ONNX Runtime. ``plantsight bench engines`` measures them on the machine at hand and
-docs/performance.md has the figures. On CUDA the default is eager with fp16 autocast and channels-last. Every engine is checked against the eager
-network on a random batch when it is built; one that fails to build or differs beyond tolerance falls
+docs/performance.md has the figures. On CUDA the default is eager with fp16 autocast and channels-last.
+Every engine is checked against the eager network on a random batch when it is built; one that fails to build or differs beyond tolerance falls
 back to eager with a warning naming the reason, so an option never stops a service that eager could run.
 """
 
@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from shared.models.export import OnnxModule, export_module
 
 log = logging.getLogger("plantsight.engine")
 
@@ -104,8 +106,6 @@ def _torchscript(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, device: torch.device) -> nn.Module:
-    from shared.models.export import OnnxModule, export_module
-
     cpu_model = copy.deepcopy(model).cpu().float().eval()  # export_module moves its argument to the CPU
     with tempfile.TemporaryDirectory(prefix="plantsight-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
@@ -124,7 +124,7 @@ def _int8(model: nn.Module, example: torch.Tensor, device: torch.device) -> nn.M
     """
     if device.type != "cpu":
         raise RuntimeError("dynamic INT8 quantisation runs on the CPU only")
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import quantize_dynamic  # noqa: PLC0415 (only the int8 engine needs it)
 
     with _quiet():
         quantized = quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,7 +81,8 @@ class DeviceDecoder:
 
     # --- torchvision decode (nvJPEG on CUDA) and resize on the device ------------------------------
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
+        # torchvision.io takes a second to import: only the torch decode method (CUDA) loads it
+        from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415
 
         dev = self.device if self.device.type == "cuda" else "cpu"
         with warnings.catch_warnings():  # torchvision 0.29 marks its image codecs deprecated (torchcodec next)

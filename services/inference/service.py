@@ -34,7 +34,6 @@ from shared.runtime import Service, keep_tensor_heap
 from shared.streams import DeadLetters, Entry, GroupReader, Names, Outbox, Producer, ensure_group
 
 from services.inference.batcher import Batch, Batcher, BufferPool, collect
-from services.inference.engine import EngineOptions, build_engine
 from services.inference.jpeg import DeviceDecoder
 from services.inference.loading import load_predictor, pick_device, torch_threads
 from services.inference.postprocess import to_original

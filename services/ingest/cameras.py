@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import cv2
 import numpy as np
 
+from shared.data.scenes import scene_from_source
 from shared.imaging import decode_jpeg, encode
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -210,8 +211,6 @@ class SyntheticSource(CameraSource):
             [(k, v) for k, v in query if k.lower() != "replay"])))
 
     def open(self) -> None:
-        from shared.data.scenes import scene_from_source
-
         try:
             self.scene = scene_from_source(self.scene_source)
         except ValueError as e:

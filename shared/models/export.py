@@ -151,7 +151,7 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out: str | os.PathLike 
 # --- running ONNX models -------------------------------------------------------------------------
 def ort_providers(device: str | torch.device = "cpu") -> list:
     """ONNX Runtime providers: CUDA first where ORT has it and the device is a CUDA one, then the CPU."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # noqa: PLC0415 (ONNX Runtime loads only for ONNX models)
 
     device = torch.device(device)
     providers: list = ["CPUExecutionProvider"]
@@ -171,7 +171,7 @@ class OnnxModule(nn.Module):
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
         super().__init__()
-        import onnxruntime as ort
+        import onnxruntime as ort  # noqa: PLC0415 (as in ort_providers)
 
         self.path = Path(path)
         opts = ort.SessionOptions()

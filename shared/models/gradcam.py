@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al.): where in the image a classifier's decision comes from 
+"""Grad-CAM (Selvaraju et al.): where in the image a classifier's decision comes from
 
 `gradcam` weighs a layer's activation maps by the spatial mean of the class score's gradient
 with respect to them, keeps the positive part and scales each image's map to 0..1. The layer
@@ -18,6 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shared.imaging import stretch
+
+from .registry import ModelError
 
 __all__ = ["conv_layers", "gradcam", "overlay", "explain"]
 
@@ -175,10 +179,6 @@ def explain(predictor, image_rgb: np.ndarray, layer: str | None = None, alpha: f
     `predictor`: a classify `Predictor` with a PyTorch model; the image is prepared as the pipeline
     does (stretched to the model's input size, normalised by the Predictor itself).
     """
-    from shared.imaging import stretch
-
-    from .registry import ModelError
-
     meta = predictor.meta
     if meta.task != "classify":
         raise ModelError(f"Grad-CAM explains classifiers; {predictor.name} is a {meta.task} model")

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .detect import decode_yolo
+from .detect_af import decode_anchor_free
+from .export import ONNX, load_onnx_dir
 from .modeldir import WEIGHTS, ModelMeta, build_for, default_meta, load_model_dir
 from .registry import ModelError
 from .thermal import find_hotspots, radiometric_stats, to_kelvin
@@ -65,14 +67,10 @@ class Predictor:
         if runtime not in RUNTIMES:
             raise ModelError(f"runtime {runtime!r}: must be one of {', '.join(RUNTIMES)}")
         if path is not None:
-            from .export import ONNX
-
             if runtime == "auto":
                 only_onnx = not (Path(path) / WEIGHTS).exists() and (Path(path) / ONNX).is_file()
                 runtime = "onnx" if only_onnx else "torch"
             if runtime == "onnx":
-                from .export import load_onnx_dir
-
                 model, meta = load_onnx_dir(path, device)
             else:
                 model, meta = load_model_dir(path, device)
@@ -139,8 +137,6 @@ class Predictor:
         raw = self.forward(self._normalise(batch))
         th = self.meta.thresholds
         if self.arch == "anchor_free":
-            from .detect_af import decode_anchor_free
-
             dets = decode_anchor_free(raw, th["conf"], th["iou"], tuple(batch.shape[1:3]))
         else:
             dets = decode_yolo(raw, th["conf"], th["iou"], tuple(batch.shape[1:3]),

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shared.data.datasets import DataError, load_split
 from shared.models import ModelError, Predictor
 from shared.names import TASKS
 
 from . import metrics as M
+from . import plots
 from .augment import prepare, unletterbox_boxes, unletterbox_mask
 
 __all__ = ["evaluate", "evaluate_predictions", "evaluate_dataset", "resolve_device", "MAIN_METRIC", "jsonable"]
@@ -37,8 +39,6 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def _load_split(task: str, data_dir, split: str):
-    from shared.data.datasets import load_split
-
     return load_split(task, Path(data_dir), split)
 
 
@@ -123,8 +123,6 @@ def _check_classes(task: str, model_classes: list[str], ds, model_dir, data_dir)
 def evaluate(task: str, model_dir, data_dir, split: str = "val", out_dir=None, device: str = "auto",
              progress: bool = True) -> dict:
     """Metrics of a model directory on a dataset split, plus plots in `out_dir` (default MODEL_DIR/eval-SPLIT)."""
-    from . import plots
-
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     dev = resolve_device(device)
@@ -147,8 +145,6 @@ def evaluate(task: str, model_dir, data_dir, split: str = "val", out_dir=None, d
 
 def _read_predictions(path: Path, num_classes: int) -> np.ndarray:
     """A YOLO txt with confidence (`cls cx cy w h conf` per line, normalised) → [N, 6] rows of those numbers."""
-    from shared.data.datasets import DataError
-
     rows = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -175,8 +171,6 @@ def evaluate_predictions(data_dir, predictions_dir, split: str = "val") -> dict:
 
     IoU is unchanged by scaling each axis, so boxes are compared in normalised coordinates.
     """
-    from shared.data.datasets import DataError
-
     pdir = Path(predictions_dir)
     if not pdir.is_dir():
         raise DataError(f"{pdir}: no such directory of predictions")

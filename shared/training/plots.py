@@ -11,10 +11,11 @@ __all__ = ["training_curves", "confusion_matrix", "pr_curves", "prediction_grid"
 
 
 def _plt():
-    import matplotlib
+    # matplotlib loads when a plot is drawn, with the file backend chosen before pyplot
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     return plt
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from shared.data.datasets import DataError
 from shared.models import ModelError, Predictor, build, default_meta, dice_bce_loss, save_model_dir, yolo_loss
 from shared.models.detect_af import ARCH as ANCHOR_FREE
 from shared.models.detect_af import anchor_free_loss
@@ -148,8 +149,6 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
 
     Returns the best validation metrics with model_dir, version, best_epoch, epochs_run, history and curves.
     """
-    from shared.data.datasets import DataError
-
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if scheduler not in ("cosine", "step"):
