@@ -71,6 +71,13 @@ def cmd_config_check(args) -> int:
     return 0
 
 
+def cmd_config_reference(args) -> int:
+    from shared.config_reference import render
+
+    print(render(), end="")
+    return 0
+
+
 def cmd_streams(args) -> int:
     from shared.streams import Names, connect, stream_stats
 
@@ -219,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     check = csub.add_parser("check", help="validate a config and print it with secrets masked")
     check.add_argument("file")
     check.set_defaults(fn=cmd_config_check)
+    ref = csub.add_parser("reference", help="every config key as Markdown (docs/configuration.md is its output)")
+    ref.set_defaults(fn=cmd_config_reference)
 
     st = sub.add_parser("streams", help="length, lag, pending and dead letters of every stream")
     config_args(st)
