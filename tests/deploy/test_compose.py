@@ -20,10 +20,13 @@ from services.cli import parser as cli_parser
 from services.viewer.auth import Tokens, TokenError
 from shared.config import load_config
 from shared.names import TASKS
-from tests.conftest import env_without_plantsight, ports, redis_binary
-from tests.deploy.helpers import (COMPOSE, COMPOSE_CONFIG, DEPLOY, DOCKERFILE, ROOT, RUNNABLE, MissingVariable,
-                                  compose, compose_variables, dockerfile_instructions, env_example, healthcheck_code,
+from tests.support.deploy import (COMPOSE, COMPOSE_CONFIG, DEPLOY, DOCKERFILE, RUNNABLE, MissingVariable, compose,
+                                  compose_variables, dockerfile_instructions, env_example, healthcheck_code,
                                   interpolate, run)
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ROOT
+from tests.support.ports import ports
+from tests.support.redis_server import redis_binary
 
 TOKEN_VARS = ("PLANTSIGHT_VIEWER_TOKEN", "PLANTSIGHT_VIEWER_OPERATOR_TOKEN")
 

@@ -25,11 +25,14 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import load_config
-from tests.conftest import env_without_plantsight, ports, redis_binary
-from tests.deploy.helpers import (COMPOSE, COMPOSE_CONFIG, DASHBOARDS, DEPLOY, PROM, PROMETHEUS_OWN, REQUIRED_ALERTS,
-                                  ROOT, RULE_TESTS, RULES, RUNNABLE, all_rules, compose, dashboard_exprs,
+from tests.support.deploy import (COMPOSE, COMPOSE_CONFIG, DASHBOARDS, DEPLOY, PROM, PROMETHEUS_OWN, REQUIRED_ALERTS,
+                                  RULE_TESTS, RULES, RUNNABLE, all_rules, compose, dashboard_exprs,
                                   dockerfile_healthcheck_code, grafana_variable_metrics, healthcheck_code, load_yaml,
                                   metric_names, need, recorded_names, rule_exprs, run, walk)
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ROOT
+from tests.support.ports import ports
+from tests.support.redis_server import redis_binary
 
 
 def test_metric_name_extraction_understands_promql():

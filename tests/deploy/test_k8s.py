@@ -12,7 +12,7 @@ import yaml
 
 from services.cli import parser as cli_parser
 from shared.config import load_config
-from tests.deploy.helpers import CRDS, K8S, RUNNABLE, load_yaml, need, run
+from tests.support.deploy import CRDS, K8S, RUNNABLE, load_yaml, need, run
 
 SECRET_EXAMPLES = K8S / "secret.example.yaml"
 INGRESS_EXAMPLE = K8S / "ingress.example.yaml"

@@ -20,8 +20,8 @@ import msgpack
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.e2e.conftest import Up
+from tests.support.paths import ROOT
+from tests.support.pipeline import Up
 
 pytestmark = pytest.mark.slow
 

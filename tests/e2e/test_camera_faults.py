@@ -10,8 +10,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.conftest import free_port
 from tests.support.mjpeg import MjpegCamera
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from shared.messages import Prepared
-from tests.conftest import RedisServer
-from tests.e2e.conftest import Up, per_key
-from tests.e2e.test_pipeline import groups_idle
+from tests.support.pipeline import Up, groups_idle, per_key
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

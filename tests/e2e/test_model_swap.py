@@ -15,8 +15,9 @@ import torch
 from services.inference.swap import active_key
 from shared.models.modeldir import default_meta, save_model_dir
 from shared.models.registry import build
-from tests.conftest import ROOT, env_without_plantsight
-from tests.e2e.test_pipeline import groups_idle
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ROOT
+from tests.support.pipeline import groups_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

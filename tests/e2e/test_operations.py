@@ -14,9 +14,11 @@ import pytest
 import redis
 import yaml
 
-from tests.conftest import ROOT, RedisServer, env_without_plantsight, free_port
-from tests.e2e.conftest import per_key
-from tests.e2e.test_pipeline import groups_idle
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ROOT
+from tests.support.pipeline import groups_idle, per_key
+from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -12,7 +12,7 @@ import pytest
 
 from shared.imaging import encode
 from shared.messages import Frame, Prepared
-from tests.e2e.conftest import per_key
+from tests.support.pipeline import groups_idle, per_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -23,22 +23,6 @@ DOCUMENTED_METRICS = ("frames_total", "frames_dropped_total", "stream_length", "
 
 FRAMES = {"classify": 6, "detect": 3, "segment": 3, "thermal": 6}
 SCENE = {"classify": "process", "detect": "equipment", "segment": "surface", "thermal": "thermal"}
-
-
-def groups_idle(r, prefix: str, tasks, read_from: str = "prepared") -> bool:
-    """Nothing undelivered and nothing pending in any consumer group of the pipeline."""
-    pairs = [(f"{prefix}:results", "alert")]
-    if read_from == "frames":  # infer's group of each task reads the frames itself
-        pairs += [(f"{prefix}:frames", f"infer-{t}") for t in tasks]
-    else:
-        pairs += [(f"{prefix}:frames", "preprocess")] + [(f"{prefix}:prepared:{t}", f"infer-{t}") for t in tasks]
-    for stream, group in pairs:
-        for g in r.xinfo_groups(stream):
-            if g["name"].decode() == group:
-                undelivered = r.xrange(stream, min="(" + g["last-delivered-id"].decode(), max="+", count=1)
-                if g["pending"] or undelivered:
-                    return False
-    return True
 
 
 def test_every_frame_gets_exactly_one_result_per_task(up_pipeline, r):

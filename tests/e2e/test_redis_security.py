@@ -12,7 +12,10 @@ import pytest
 import redis
 import yaml
 
-from tests.conftest import ROOT, env_without_plantsight, free_port, redis_binary
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ROOT
+from tests.support.ports import free_port
+from tests.support.redis_server import redis_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

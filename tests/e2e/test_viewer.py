@@ -22,7 +22,10 @@ import pytest
 from shared.config import demo_config
 from shared.messages import Frame
 from shared.streams import Names
-from tests.conftest import ARTIFACTS, ROOT, RedisServer, env_without_plantsight, ports
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ARTIFACTS, ROOT
+from tests.support.ports import ports
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,10 @@ from shared.data.scenes import make_scene
 from shared.imaging import encode
 from shared.messages import Alert, Frame, Result
 from shared.streams import group_lag
-from tests.conftest import ROOT, env_without_plantsight, free_port, redis_major
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ROOT
+from tests.support.ports import free_port
+from tests.support.redis_server import redis_major
 
 NS = 1_000_000_000
 T0 = 1_800_000_000 * NS  # capture times of the synthetic results

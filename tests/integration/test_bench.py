@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, env_without_plantsight
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ROOT
 
 
 def bench(*args: str, timeout: float = 240, env: dict | None = None) -> dict:

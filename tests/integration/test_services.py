@@ -15,7 +15,8 @@ from services.inference.service import InferService
 from shared.config import load_config
 from shared.imaging import letterbox
 from shared.messages import Alert, Prepared, Result
-from tests.conftest import command_calls, wait_until
+from tests.support.redis_server import command_calls
+from tests.support.waiting import wait_until
 
 
 def config(redis_server, prefix, **extra):

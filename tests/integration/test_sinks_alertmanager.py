@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from shared.messages import Alert
-from tests.conftest import free_port, wait_until
-from tests.integration.test_webhook import Receiver, acked, run_sink
+from tests.support.ports import free_port
+from tests.support.sinks import Receiver, acked, run_sink
+from tests.support.waiting import wait_until
 
 BINARY = "/usr/bin/prometheus-alertmanager"
 PUBLIC = {"public_url": "https://viewer.plant.example"}

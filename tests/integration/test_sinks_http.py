@@ -6,7 +6,7 @@ import json
 import time
 
 from shared.messages import Alert
-from tests.integration.test_webhook import Receiver, acked, run_sink
+from tests.support.sinks import Receiver, acked, run_sink
 
 PUBLIC = {"public_url": "https://viewer.plant.example"}
 

@@ -23,8 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.config import ConfigError
 from shared.messages import Alert
-from tests.conftest import free_port
-from tests.integration.test_webhook import RunningSink, acked, run_sink
+from tests.support.ports import free_port
+from tests.support.sinks import RunningSink, acked, run_sink
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 PUBLIC = {"public_url": "https://viewer.plant.example"}

@@ -12,7 +12,7 @@ from shared.config import Config
 from shared.streams import (REDIS_DOWN, DeadLetters, GroupReader, Names, Outbox, Position, Producer, ask_position,
                             ensure_group, group_info, group_lag, group_position, parse_id, position_of,
                             publish_stream_metrics, stream_stats, wait_then_ask)
-from tests.conftest import command_calls, redis_major
+from tests.support.redis_server import command_calls, redis_major
 
 GROUP = Names.PREPROCESS
 CLAIM_IDLE_MS = 100
@@ -99,7 +99,7 @@ def test_sending_trims_like_adding(r, names):
 
 
 def test_entries_sent_while_redis_is_away_are_written_once_it_is_back_and_not_twice():
-    from tests.conftest import RedisServer
+    from tests.support.redis_server import RedisServer
 
     server = RedisServer(appendonly=True)  # what Redis answered survives its restart
     try:

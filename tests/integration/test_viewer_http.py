@@ -25,7 +25,8 @@ from shared.imaging import decode_frame, encode
 from shared.messages import Alert, Frame, Result
 from shared.overlay import BOX_COLOURS, draw
 from shared.streams import Names, Producer
-from tests.conftest import free_port, wait_until
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 READ = "read-" + secrets.token_hex(16)
 OPERATOR = "oper-" + secrets.token_hex(16)

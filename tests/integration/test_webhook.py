@@ -1,7 +1,4 @@
-"""The webhook sink against a real HTTP server: signature, idempotency key, templates, retries, give-up.
-
-``Receiver`` and ``run_sink`` are also used by the other ``test_sinks_*`` modules.
-"""
+"""The webhook sink against a real HTTP server: signature, idempotency key, templates, retries, give-up."""
 
 from __future__ import annotations
 
@@ -10,104 +7,17 @@ import hmac
 import json
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.alerting.sinks import SinkWorker
 from shared.config import ConfigError, load_config
 from shared.messages import Alert
-from shared.streams import DeadLetters, GroupReader, Names, connect, ensure_group
-from tests.conftest import env_without_plantsight, free_port
+from tests.support.environment import env_without_plantsight
+from tests.support.ports import free_port
+from tests.support.sinks import Receiver, RunningSink, acked, run_sink
 
 SECRET = "hook-secret-for-tests"
-
-
-class Receiver:
-    """An HTTP server answering with scripted status codes and recording every request."""
-
-    def __init__(self, statuses: list[int], delays: list[float] | None = None, port: int = 0):
-        self.statuses, self.delays, self.requests = list(statuses), list(delays or []), []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.requests.append((time.monotonic(), dict(self.headers), body))
-                if outer.delays:
-                    time.sleep(outer.delays.pop(0))  # a slow receiver
-                code = outer.statuses.pop(0) if outer.statuses else 200
-                answer = b'{"error": "unknown asset tag"}' if code == 400 else b""
-                self.send_response(code)
-                if code == 429:
-                    self.send_header("Retry-After", "1")  # slow down: longer than backoff_s
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
-class RunningSink:
-    """A SinkWorker for the sink ``cmms`` over a fresh alert stream; ``until`` waits, ``stop`` ends it."""
-
-    def __init__(self, redis_server, prefix, url, alerts: list[Alert], consumer="test-sink", claim_idle_ms=60000,
-                 sink_type="webhook", alerts_cfg=None, **sink_opts):
-        sink = {"name": "cmms", "type": sink_type, "url": url, "backoff_s": 0.2, "timeout_s": 1.0, **sink_opts}
-        if sink_type == "webhook":
-            sink.setdefault("secret_env", "PS_HOOK_SECRET")
-        cfg = load_config(data={
-            "redis": {"url": redis_server.url, "prefix": prefix},
-            "alerts": {"rules": [{"name": "hot", "task": "thermal", "when": "max_k > 400", "sinks": ["cmms"]}],
-                       "sinks": [sink], **(alerts_cfg or {})}},
-            environ={})
-        self.r = connect(cfg.redis)
-        self.names = Names(prefix)
-        for a in alerts:
-            self.add(a)
-        ensure_group(self.r, self.names.alerts, "sink-cmms")  # before ``until`` asks about it (the worker would, later)
-        dead = DeadLetters(self.r, self.names, 3600, "alert")
-        reader = GroupReader(self.r, self.names.alerts, "sink-cmms", consumer, dead=dead, count=16, block_ms=100,
-                             claim_idle_ms=claim_idle_ms, max_deliveries=3, max_bytes=1 << 20)
-        self.halt = threading.Event()
-        self.worker = SinkWorker(cfg, cfg.alerts.sinks[0], reader, dead, self.halt)
-        self.worker.start()
-
-    def add(self, a: Alert) -> None:
-        self.r.xadd(self.names.alerts, {"m": a.to_msgpack()})
-
-    def until(self, check, timeout=30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check(self.r, self.names):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.worker.join(10)
-        assert not self.worker.is_alive()
-
-
-def run_sink(redis_server, prefix, url, alerts: list[Alert], wait_for, timeout=30, **opts):
-    """Run a sink over ``alerts`` until ``wait_for(r, names)`` (or ``timeout``); returns (r, names)."""
-    sink = RunningSink(redis_server, prefix, url, alerts, **opts)
-    try:
-        sink.until(wait_for, timeout)
-    finally:
-        sink.stop()
-    return sink.r, sink.names
 
 
 def alert(n: int = 0) -> Alert:
@@ -128,11 +38,6 @@ def verify(headers: dict, body: bytes, secret: str, max_age_s: int = 300) -> boo
         return False
     want = "sha256=" + hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(want, headers["X-Plantsight-Signature"])
-
-
-def acked(r, names) -> bool:
-    return r.xpending(names.alerts, "sink-cmms")["pending"] == 0 and r.xinfo_groups(names.alerts)[0][
-        "last-delivered-id"] != b"0-0"
 
 
 def test_delivery_is_signed_and_retried_with_backoff(redis_server, r, prefix):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from shared.config import ConfigError, OnFull, load_config
-from tests.conftest import env_without_plantsight
+from tests.support.environment import env_without_plantsight
 
 PLANTSIGHT = Path(sys.executable).with_name("plantsight")
 

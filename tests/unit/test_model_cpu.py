@@ -5,25 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 from shared.metrics import ModelCpu
-from tests.conftest import ROOT
-
-
-def burn(seconds: float) -> None:
-    t0 = time.thread_time()
-    while time.thread_time() - t0 < seconds:
-        sum(range(1000))
-
+from tests.support.paths import ROOT
 
 MEASURE = """
 import json, threading, time
 import torch
 from shared.metrics import native_thread_cpu_s
-from tests.unit.test_model_cpu import burn
+from tests.support.cpu import burn
 torch.set_num_threads(2)  # torch with one worker thread beside the caller's
 before = native_thread_cpu_s()
 burnt, leave = threading.Event(), threading.Event()

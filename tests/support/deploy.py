@@ -1,4 +1,5 @@
-"""Paths and helpers shared by the deploy/ tests: PromQL of rules and dashboards, compose, Dockerfile."""
+"""What the deploy/ tests read: the deployment files' paths, the PromQL of rules and dashboards, compose's
+variables and the Dockerfile's instructions."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import ROOT
+
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
 RULES = PROM / "rules" / "plantsight.rules.yml"
@@ -171,7 +173,6 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
             word, _, rest = line.strip().partition(" ")
             out.append((word.upper(), rest.strip()))
     return out
-
 
 
 def healthcheck_code(test: list[str]) -> str:
