@@ -49,7 +49,7 @@ def service_heap() -> None:
     MALLOC_MMAP_THRESHOLD_=1 MiB), for a benchmark that runs service code in its own process: without
     them each 150 KB message is a fresh mmap whose pages fault in on every frame."""
     from services.supervisor import SERVICE_ENV
-    from shared.runtime import libc
+    from shared.heap import libc
 
     c = libc()
     if c is None:  # not glibc

@@ -71,7 +71,7 @@ def bare_model(task: str, arch: str | None, path: str | None, device: str, inf, 
     """(figures, predictors) of the engine the config picks, as infer would load it: ``workers`` predictors
     running at once (infer's replicas), each with torch's threads as they are set in this process."""
     from services.inference.loading import load_predictor
-    from shared.runtime import keep_tensor_heap
+    from shared.heap import keep_tensor_heap
 
     keep_tensor_heap()  # the heap infer runs with
     predictors = [load_predictor(task, path=path, arch=arch, device=device, inf=inf) for _ in range(workers)]
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from services.inference.engine import EngineOptions, build_engine
     from services.inference.loading import pick_device
     from shared.config import InferenceConfig
+    from shared.heap import keep_tensor_heap
     from shared.models import Predictor
-    from shared.runtime import keep_tensor_heap
 
     keep_tensor_heap()  # the heap infer runs with
     device = pick_device(args.device)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from shared.config import load_config
-    from shared.streams import Names
+    from shared.keys import Keys
 
     server = PrivateRedis()
     r = server.client()
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
            "models": {"classify": {"arch": "simple_cnn"}}, "services": {"ingest": {"port": free_port()}},
            "inference": {"read_from": args.read_from}}
     cfg = load_config(data=raw, environ={})
-    names = Names.for_config(cfg)
-    (group,), (progress,) = names.frame_groups(["classify"]), names.frame_readers_write(["classify"])
+    keys = Keys.for_config(cfg)
+    (group,), (progress,) = keys.frame_groups(["classify"]), keys.frame_readers_write(["classify"])
     (work / "bench.yaml").write_text(yaml.safe_dump(raw))
     say(f"ingest: {args.cameras} camera(s) {args.width}x{args.height} JPEG at {args.camera_fps:g} fps, read by "
         f"{group} at {args.rate:g} frames/s in batches of {args.batch}")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while not r.exists(names.frames):
+        while not r.exists(keys.frames):
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
                 raise RuntimeError(f"ingest published nothing:\n{log.read().decode(errors='replace')[-3000:]}")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             n, due = 0, time.monotonic()
             end = due + seconds
             while time.monotonic() < end:
-                got = r.xreadgroup(group, "bench", {names.frames: ">"}, count=args.batch, block=200)
+                got = r.xreadgroup(group, "bench", {keys.frames: ">"}, count=args.batch, block=200)
                 ids = [i for i, _ in got[0][1]] if got else []
                 if not ids:
                     continue
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 pipe = r.pipeline(transaction=True)  # as infer writes results and acks in one MULTI
                 for _ in ids:
                     pipe.xadd(progress, {"m": b"result"}, maxlen=10_000, approximate=True)
-                pipe.xack(names.frames, group, *ids)
+                pipe.xack(keys.frames, group, *ids)
                 pipe.execute()
                 n += len(ids)
             return n

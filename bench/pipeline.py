@@ -41,6 +41,7 @@ import msgpack
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.keys import Keys
 from shared.names import PIPELINE
 
 from bench.common import PrivateRedis, cpu_seconds, free_port, machine, percentile, rank, say, versions
@@ -129,7 +130,7 @@ def run_pipeline(args) -> dict:
     env = {**os.environ, "PLANTSIGHT_VIEWER_TOKEN": secrets.token_urlsafe(24)}
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", str(work / "bench.yaml")],
                           stdout=log, stderr=subprocess.STDOUT, env=env)
-    results = "bench:results"
+    results = Keys(cfg["redis"]["prefix"]).results
     try:
         deadline = time.monotonic() + 300
         while r.xlen(results) == 0:

@@ -28,13 +28,16 @@ from bench.common import PrivateRedis, machine, say, service_heap, versions
 
 
 def plantsight_loop(r, frame: np.ndarray, batch: int, seconds: float) -> float:
+    from shared.keys import Keys
     from shared.messages import Prepared
-    from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer
+    from shared.streams.outbox import Outbox
+    from shared.streams.producer import Producer
+    from shared.streams.reader import DeadLetters, GroupReader
 
-    names = Names("tp")
-    stream = names.prepared("classify")
+    keys = Keys("tp")
+    stream = keys.prepared("classify")
     prod = Producer(r, stream, maxlen=10_000)
-    rd = GroupReader(r, stream, "g", "c", dead=DeadLetters(r, names, 3600, "bench"), count=batch, block_ms=1000,
+    rd = GroupReader(r, stream, "g", "c", dead=DeadLetters(r, keys, 3600, "bench"), count=batch, block_ms=1000,
                      claim_idle_ms=3_600_000, max_deliveries=3, max_bytes=32 << 20)
     rd.setup()
     rd._next_claim = float("inf")  # no idle claims in a benchmark

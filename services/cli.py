@@ -25,7 +25,7 @@ def _load(args) -> Config:
 
 
 def cmd_run(args) -> int:
-    from shared.runtime import setup_logging
+    from shared.logs import setup_logging
 
     cfg = _load(args)
     setup_logging(cfg.log_level, args.service)
@@ -79,11 +79,12 @@ def cmd_config_reference(args) -> int:
 
 
 def cmd_streams(args) -> int:
-    from shared.streams import Names, connect, stream_stats
+    from shared.keys import Keys
+    from shared.streams.connection import connect
+    from shared.streams.stats import stream_stats
 
     cfg = _load(args)
-    names = Names.for_config(cfg)
-    rows = stream_stats(connect(cfg.redis), names, cfg.tasks())
+    rows = stream_stats(connect(cfg.redis), Keys.for_config(cfg), cfg.tasks())
     if args.json:
         print(json.dumps({"streams": rows}))
         return 0
@@ -101,22 +102,23 @@ def cmd_alerts(args) -> int:
     import time
 
     from shared import acks
+    from shared.keys import Keys
     from shared.messages import Alert, DecodeError
-    from shared.streams import Names, connect
+    from shared.streams.connection import connect
 
     cfg = _load(args)
-    names, r = Names(cfg.redis.prefix), connect(cfg.redis)
+    keys, r = Keys(cfg.redis.prefix), connect(cfg.redis)
     if getattr(args, "alerts_command", None) == "ack":
         try:
-            record = acks.acknowledge(r, names.prefix, args.id, args.by or getpass.getuser(), args.note or "")
+            record = acks.acknowledge(r, keys.prefix, args.id, args.by or getpass.getuser(), args.note or "")
         except acks.UnknownAlert:
-            print(f"plantsight alerts ack: no alert {args.id} on {names.alerts}", file=sys.stderr)
+            print(f"plantsight alerts ack: no alert {args.id} on {keys.alerts}", file=sys.stderr)
             return 1
         print(json.dumps({"id": args.id, **record}))
         return 0
-    done = acks.acknowledgements(r, names.prefix)
+    done = acks.acknowledgements(r, keys.prefix)
     rows = []
-    for entry_id, fields in reversed(r.xrevrange(names.alerts, count=args.n)):
+    for entry_id, fields in reversed(r.xrevrange(keys.alerts, count=args.n)):
         try:
             a = Alert.from_msgpack(fields.get(b"m", b""))
         except DecodeError:
@@ -153,10 +155,10 @@ def cmd_models_deploy(args) -> int:
     import time
     from pathlib import Path
 
-    from services.inference.swap import active_key, deploy_key
+    from shared.keys import Keys
     from shared.models.modeldir import load_meta
     from shared.models.registry import ModelError
-    from shared.streams import connect
+    from shared.streams.connection import connect
 
     if not (args.config or args.demo):
         print("plantsight models deploy: give --config FILE or --demo", file=sys.stderr)
@@ -171,14 +173,13 @@ def cmd_models_deploy(args) -> int:
     if meta.task != args.task:
         print(f"plantsight models deploy: {path} holds a {meta.task} model, not a {args.task} one", file=sys.stderr)
         return 1
-    r = connect(cfg.redis)
-    prefix = cfg.redis.prefix
+    r, keys = connect(cfg.redis), Keys(cfg.redis.prefix)
     asked = time.time()
-    r.hset(deploy_key(prefix), args.task, json.dumps({"path": str(path), "at": asked}))
+    r.hset(keys.models_deploy, args.task, json.dumps({"path": str(path), "at": asked}))
     print(f"{args.task}: asked infer to run {meta.arch}@{meta.version} from {path}", file=sys.stderr)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
-        raw = r.hget(active_key(prefix), args.task)
+        raw = r.hget(keys.models_active, args.task)
         rec = json.loads(raw) if raw else {}
         if rec.get("path") == str(path) and rec.get("at", 0) >= asked:
             print(json.dumps({"task": args.task, **rec}))

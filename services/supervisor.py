@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import Config
 from shared.names import SERVICES
-from shared.streams import connect
+from shared.streams.connection import connect
 
 STOP_GRACE_S = 15.0
 STATUS_EVERY_S = 10.0
@@ -44,7 +44,7 @@ def say(msg: str) -> None:
 SERVICE_ENV = {
     # glibc heap settings for long runs: fewer arenas (torch's threads otherwise fragment the heap) and a
     # fixed mmap threshold, so large messages go back to the system when freed instead of piling up
-    # (infer then keeps its tensors in the heap: runtime.keep_tensor_heap).
+    # (infer then keeps its tensors in the heap: shared.heap.keep_tensor_heap).
     "MALLOC_ARENA_MAX": "2",
     "MALLOC_MMAP_THRESHOLD_": "1048576",
     # OpenMP threads sleep instead of spinning while they wait: on a machine whose cores the other

@@ -12,11 +12,8 @@ import time
 
 import redis
 
+from shared.keys import Keys
 from shared.messages import Alert, DecodeError
-
-
-def acks_key(prefix: str) -> str:
-    return f"{prefix}:alert-acks"
 
 
 class UnknownAlert(KeyError):
@@ -25,7 +22,7 @@ class UnknownAlert(KeyError):
 
 def alert_exists(r: redis.Redis, prefix: str, alert_id: str, scan: int = 10000) -> bool:
     """Whether an alert with this id is among the newest `scan` entries of ``{P}:alerts``."""
-    for _, fields in r.xrevrange(f"{prefix}:alerts", count=scan):
+    for _, fields in r.xrevrange(Keys(prefix).alerts, count=scan):
         try:
             if Alert.from_msgpack(fields.get(b"m", b"")).id == alert_id:
                 return True
@@ -38,15 +35,15 @@ def acknowledge(r: redis.Redis, prefix: str, alert_id: str, by: str, note: str =
     """Record the acknowledgement (the first one wins; a repeat returns it unchanged)."""
     if check and not alert_exists(r, prefix, alert_id):
         raise UnknownAlert(alert_id)
-    record = {"by": by, "at": time.time(), "note": note}
-    r.hsetnx(acks_key(prefix), alert_id, json.dumps(record))
-    return json.loads(r.hget(acks_key(prefix), alert_id))
+    key, record = Keys(prefix).alert_acks, {"by": by, "at": time.time(), "note": note}
+    r.hsetnx(key, alert_id, json.dumps(record))
+    return json.loads(r.hget(key, alert_id))
 
 
 def acknowledgement(r: redis.Redis, prefix: str, alert_id: str) -> dict | None:
-    raw = r.hget(acks_key(prefix), alert_id)
+    raw = r.hget(Keys(prefix).alert_acks, alert_id)
     return json.loads(raw) if raw else None
 
 
 def acknowledgements(r: redis.Redis, prefix: str) -> dict[str, dict]:
-    return {k.decode(): json.loads(v) for k, v in r.hgetall(acks_key(prefix)).items()}
+    return {k.decode(): json.loads(v) for k, v in r.hgetall(Keys(prefix).alert_acks).items()}

@@ -33,9 +33,11 @@ import redis
 
 from shared.config import Config
 from shared.imaging import decode_frame, stretch
+from shared.keys import Keys
 from shared.messages import Alert, DecodeError, Frame, Result
 from shared.overlay import draw, encode_jpeg
-from shared.streams import REDIS_DOWN, Names, parse_id
+from shared.streams.connection import REDIS_DOWN
+from shared.streams.groups import parse_id
 
 from services.alerting.clip import CLIP, CLIP_TMP, Clip
 
@@ -88,7 +90,7 @@ class EvidenceStore:
 
     def __init__(self, cfg: Config, r: redis.Redis):
         self.cfg, self.r = cfg, r
-        self.names = Names.for_config(cfg)
+        self.names = Keys.for_config(cfg)
         self.root = Path(cfg.alerts.evidence_dir)
         self.config_hash = config_sha256(cfg)
         self._clips: dict[str, tuple[Clip, dict]] = {}

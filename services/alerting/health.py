@@ -15,8 +15,9 @@ import time
 import redis
 
 from shared.config import Config
+from shared.keys import Keys
 from shared.messages import Alert
-from shared.streams import Names, group_position
+from shared.streams.groups import group_position
 
 from services.alerting.state import FIRE, RESOLVE, EpisodeStore, Lifecycle, advance
 
@@ -29,12 +30,8 @@ PIPELINE_EVERY_S = 5.0  # lag on Redis 6.2 is counted with XRANGE: not every sec
 COUNT_CAP = 100000
 
 
-def camera_status_key(names: Names) -> str:
-    return f"{names.prefix}:cameras"
-
-
 class CameraHealth:
-    def __init__(self, cfg: Config, names: Names, store: EpisodeStore):
+    def __init__(self, cfg: Config, names: Keys, store: EpisodeStore):
         self.cfg, self.names, self.store = cfg, names, store
         self.cameras = {c.id: c for c in cfg.cameras}
         self.started = time.time()  # a camera never seen gets its full grace from here
@@ -77,7 +74,7 @@ class CameraHealth:
 
     def cameras_check(self, r: redis.Redis, now: float) -> list[Alert]:
         out: list[Alert] = []
-        statuses = {k.decode(): json.loads(v) for k, v in r.hgetall(camera_status_key(self.names)).items()}
+        statuses = {k.decode(): json.loads(v) for k, v in r.hgetall(self.names.cameras).items()}
         for cam in self.cameras.values():
             status = statuses.get(cam.id, {})
             limit = self.cfg.alerts.camera_offline_s

@@ -27,12 +27,16 @@ import numpy as np
 
 from shared import metrics
 from shared.config import Rule
+from shared.endpoints import HttpRequest, HttpResponse
 from shared.imaging import decode_frame
+from shared.keys import Keys
 from shared.messages import Alert, DecodeError, Frame, Result
 from shared.secret import SecretError, secret_from_environ
 from shared.rules import RiseWindow, Zone, compile_condition, fields_of, threshold_of, value_of
-from shared.runtime import HttpRequest, HttpResponse, Service
-from shared.streams import DeadLetters, GroupReader, Names, Outbox, Producer
+from shared.service import Service
+from shared.streams.outbox import Outbox
+from shared.streams.producer import Producer
+from shared.streams.reader import DeadLetters, GroupReader
 
 from shared import acks
 from services.alerting.evidence import EvidenceStore
@@ -79,7 +83,7 @@ class AlertService(Service):
         super().__init__(cfg, **kw)
         s = cfg.streams
         self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
-        self.reader = GroupReader(self.r, self.names.results, Names.ALERT, self.consumer, dead=self.dead,
+        self.reader = GroupReader(self.r, self.names.results, Keys.ALERT, self.consumer, dead=self.dead,
                                   count=64, block_ms=s.read_block_ms, claim_idle_ms=s.claim_idle_ms,
                                   max_deliveries=s.max_deliveries, max_bytes=s.max_message_bytes)
         self.alerts = Producer(self.r, self.names.alerts, max_age_s=s.alerts_max_age_s)
@@ -91,7 +95,7 @@ class AlertService(Service):
             self.rules.append(CompiledRule(rule, cfg.rule_cameras(rule), zones))
         self.rise_keep_s = max([c.rule.window_s for c in self.rules if c.reads_rise], default=0.0)
         self.rises: dict[tuple[str, str], RiseWindow] = {}
-        self.state = EpisodeStore(self.r, f"{self.names.prefix}:alert-state")
+        self.state = EpisodeStore(self.r, self.names.alert_state)
         self.health = CameraHealth(cfg, self.names, self.state)
         self.sinks = [SinkWorker(cfg, sink, self.sink_reader(sink.name), self.dead, self.stop)
                       for sink in cfg.alerts.sinks]
@@ -252,7 +256,7 @@ class AlertService(Service):
 
     def acknowledged(self, *alert_ids: str) -> bool:
         ids = [i for i in alert_ids if i]
-        return bool(ids) and any(self.r.hmget(acks.acks_key(self.names.prefix), ids))
+        return bool(ids) and any(self.r.hmget(self.names.alert_acks, ids))
 
     def alert(self, c: CompiledRule, result: Result, fields: dict, params: dict, state: str, alert_id: str,
               episode: str, repeat: int = 0) -> Alert:

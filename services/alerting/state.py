@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 import redis
 
-from shared.streams import Outbox
+from shared.streams.outbox import Outbox
 
 FIRE, REPEAT, RESOLVE = "fire", "repeat", "resolve"
 

@@ -8,7 +8,7 @@ checks, stacking into a reusable, on CUDA pinned, buffer) and hands it to the se
 through a queue. At most ``PREFETCH`` batches of a task are out at once: one in the model, one
 being read or waiting. Nothing is acknowledged here: the service acknowledges a batch's entries in
 the same MULTI as its results, so the at-least-once and no-duplicate guarantees of
-``shared/streams.py`` hold as without the thread. Entries a batch holds are "in flight": an idle
+``shared/streams/`` hold as without the thread. Entries a batch holds are "in flight": an idle
 claim (``XAUTOCLAIM``) by this same worker that returns one of them is ignored, so a slow batch is
 never processed twice by its own worker.
 """
@@ -24,7 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from shared.streams import Entry, GroupReader, Outbox, parse_id
+from shared.streams.groups import parse_id
+from shared.streams.outbox import Outbox
+from shared.streams.reader import Entry, GroupReader
 
 log = logging.getLogger("plantsight.batcher")
 

@@ -27,11 +27,16 @@ import numpy as np
 import torch
 
 from shared import metrics
+from shared.heap import keep_tensor_heap
+from shared.keys import Keys
 from shared.messages import DecodeError, Frame, Prepared, Result, decode_prepared
 from shared.models import Predictor
 from shared.prepare import Preparer
-from shared.runtime import Service, keep_tensor_heap
-from shared.streams import DeadLetters, Entry, GroupReader, Names, Outbox, Producer, ensure_group
+from shared.service import Service
+from shared.streams.connection import ensure_group
+from shared.streams.outbox import Outbox
+from shared.streams.producer import Producer
+from shared.streams.reader import DeadLetters, Entry, GroupReader
 
 from services.inference.batcher import Batch, Batcher, BufferPool, collect
 from services.inference.jpeg import DeviceDecoder
@@ -78,7 +83,7 @@ class InferService(Service):
             predictor = load_predictor(task, path=str(spec.path) if spec.path else None, arch=spec.arch,
                                        device=self.device, inf=inf)
             source = self.names.frames if self.preparer else self.names.prepared(task)
-            reader = GroupReader(self.r, source, Names.infer_group(task), self.consumer,
+            reader = GroupReader(self.r, source, Keys.infer_group(task), self.consumer,
                                  dead=self.dead, count=inf.max_batch, block_ms=s.read_block_ms,
                                  claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries,
                                  max_bytes=s.max_message_bytes)
@@ -104,7 +109,7 @@ class InferService(Service):
     def setup(self) -> None:
         for run in self.runners:
             run.reader.setup()
-        ensure_group(self.r, self.names.results, Names.ALERT)
+        ensure_group(self.r, self.names.results, Keys.ALERT)
 
     def streams(self) -> set[str]:
         return {self.names.results, *(r.reader.stream for r in self.runners)}

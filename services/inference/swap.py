@@ -29,14 +29,6 @@ from services.inference.loading import load_predictor
 log = logging.getLogger("plantsight.swap")
 
 
-def deploy_key(prefix: str) -> str:
-    return f"{prefix}:models:deploy"
-
-
-def active_key(prefix: str) -> str:
-    return f"{prefix}:models:active"
-
-
 def fingerprint(path: str | os.PathLike) -> tuple:
     """What changes when a model directory gets a new model: its files' sizes and mtimes."""
     d = Path(path)
@@ -83,12 +75,12 @@ class ModelSwapper:
 
     def source(self, task: str) -> str | None:
         """The model directory a task should run: a deployed one, else the config's (None: an architecture)."""
-        raw = self.svc.r.hget(deploy_key(self.svc.names.prefix), task)
+        raw = self.svc.r.hget(self.svc.names.models_deploy, task)
         if raw:
             try:
                 return str(json.loads(raw)["path"])
             except (ValueError, KeyError, TypeError):
-                log.error("%s: deploy entry for %s is not JSON with a path: %r", deploy_key(self.svc.names.prefix),
+                log.error("%s: deploy entry for %s is not JSON with a path: %r", self.svc.names.models_deploy,
                           task, raw[:200])
                 return None
         spec = self.svc.cfg.model(task)
@@ -150,11 +142,11 @@ class ModelSwapper:
             try:
                 self._publish(run.task, new, path)
             except Exception as e:  # Redis away: the switch stands; the record is only for people
-                log.warning("could not record the switch in %s: %s", active_key(self.svc.names.prefix), e)
+                log.warning("could not record the switch in %s: %s", self.svc.names.models_active, e)
 
     def _publish(self, task: str, predictor, path: str, refused: str | None = None) -> None:
         rec = {"model": predictor.name, "engine": predictor.engine, "path": path, "at": time.time(),
                "consumer": self.svc.consumer}
         if refused:
             rec["refused"] = refused
-        self.svc.r.hset(active_key(self.svc.names.prefix), task, json.dumps(rec))
+        self.svc.r.hset(self.svc.names.models_active, task, json.dumps(rec))

@@ -22,9 +22,10 @@ from shared import metrics
 from shared.config import CameraConfig, ConfigError, OnFull
 from shared.imaging import encode
 from shared.messages import Frame
-from shared.runtime import Service
-from shared.streams import (REDIS_DOWN, Position, Producer, ask_position, ensure_group, parse_id, position_of,
-                            wait_then_ask)
+from shared.service import Service
+from shared.streams.connection import REDIS_DOWN, ensure_group
+from shared.streams.groups import Position, ask_position, parse_id, position_of, wait_then_ask
+from shared.streams.producer import Producer
 
 from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 
@@ -157,7 +158,7 @@ class CameraWorker(threading.Thread):
 
     def next_seq(self) -> int:
         if self.seq >= self.seq_end:
-            self.seq_end = int(self.svc.r.hincrby(f"{self.svc.names.prefix}:seq", self.cam.id, SEQ_BLOCK))
+            self.seq_end = int(self.svc.r.hincrby(self.svc.names.seq, self.cam.id, SEQ_BLOCK))
             self.seq = self.seq_end - SEQ_BLOCK
         self.seq += 1
         return self.seq - 1
@@ -344,7 +345,7 @@ class IngestService(Service):
     def step(self) -> None:
         # Camera status for the health alerts (and anyone looking): one hash, refreshed every half second.
         if self.workers:
-            self.r.hset(f"{self.names.prefix}:cameras",
+            self.r.hset(self.names.cameras,
                         mapping={w.cam.id: json.dumps(w.status) for w in self.workers})
         else:
             self.r.ping()

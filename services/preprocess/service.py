@@ -17,10 +17,14 @@ import time
 import cv2
 
 from shared import metrics
+from shared.keys import Keys
 from shared.messages import DecodeError, Frame
-from shared.runtime import Service
-from shared.streams import (DeadLetters, GroupReader, Names, Outbox, Producer, ask_position, ensure_group,
-                            position_of, wait_then_ask)
+from shared.service import Service
+from shared.streams.connection import ensure_group
+from shared.streams.groups import ask_position, position_of, wait_then_ask
+from shared.streams.outbox import Outbox
+from shared.streams.producer import Producer
+from shared.streams.reader import DeadLetters, GroupReader
 
 from shared.prepare import Preparer
 
@@ -42,7 +46,7 @@ class PreprocessService(Service):
         self.preparer = Preparer(cfg, STAGE, route_jpeg=cfg.inference.decode == "infer")
         s = cfg.streams
         self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
-        self.reader = GroupReader(self.r, self.names.frames, Names.PREPROCESS, self.consumer, dead=self.dead,
+        self.reader = GroupReader(self.r, self.names.frames, Keys.PREPROCESS, self.consumer, dead=self.dead,
                                   count=16, block_ms=s.read_block_ms, claim_idle_ms=s.claim_idle_ms,
                                   max_deliveries=s.max_deliveries, max_bytes=s.max_message_bytes)
         self.out = {t: Producer(self.r, self.names.prepared(t), maxlen=s.prepared_maxlen) for t in self.tasks}
@@ -63,7 +67,7 @@ class PreprocessService(Service):
             return
         self.reader.setup()
         for t in self.tasks:
-            ensure_group(self.r, self.names.prepared(t), Names.infer_group(t))
+            ensure_group(self.r, self.names.prepared(t), Keys.infer_group(t))
 
     def streams(self) -> set[str]:
         if self.idle:
@@ -71,7 +75,7 @@ class PreprocessService(Service):
         return {self.names.frames, *(self.names.prepared(t) for t in self.tasks)}
 
     def backlog_groups(self) -> list[tuple[str, str]]:
-        return [(self.names.prepared(t), Names.infer_group(t)) for t in self.tasks]
+        return [(self.names.prepared(t), Keys.infer_group(t)) for t in self.tasks]
 
     def ask_backlog(self, pipe) -> int:
         """Queue the question "how far behind is each infer group?" in ``pipe``; how many replies it adds."""

@@ -8,7 +8,7 @@ never disturb the pipeline. Where the data lives:
   carries its camera in the ``cam`` field, so filtering needs no decoding);
 - alerts: ``{P}:alerts`` (a firing alert's id is its episode; the resolve carries ``labels.episode``),
   acknowledgements in ``{P}:alert-acks``, evidence files under ``alerts.evidence_dir/<id>/``;
-- streams: `shared.streams.stream_stats`; processes: the heartbeats in ``{P}:services``.
+- streams: `shared.streams.stats.stream_stats`; processes: the heartbeats in ``{P}:services``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import redis
 
 from shared.config import Config
 from shared.imaging import decode_frame
+from shared.keys import Keys
 from shared.messages import Alert, DecodeError, Frame, Result
 from shared.rules import fields_of
-from shared.runtime import service_heartbeats
-from shared.streams import Names, stream_stats
+from shared.service import service_heartbeats
+from shared.streams.stats import stream_stats
 
 from shared.acks import acknowledgements
 
@@ -54,12 +55,12 @@ def valid_alert_id(alert_id: str) -> bool:
 class ViewerData:
     def __init__(self, cfg: Config, r: redis.Redis):
         self.cfg, self.r = cfg, r
-        self.names = Names.for_config(cfg)
+        self.names = Keys.for_config(cfg)
         self.cameras_cfg = {c.id: c for c in cfg.cameras}
 
     # --- cameras -------------------------------------------------------------------------
     def camera_status(self) -> dict[str, dict]:
-        raw = self.r.hgetall(f"{self.names.prefix}:cameras")
+        raw = self.r.hgetall(self.names.cameras)
         out = {}
         for k, v in raw.items():
             try:

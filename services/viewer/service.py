@@ -26,10 +26,11 @@ from urllib.parse import parse_qs, quote
 import cv2
 import redis
 
+from shared.endpoints import HttpRequest, HttpResponse
 from shared.messages import DecodeError
 from shared.overlay import draw, encode_jpeg
-from shared.runtime import HttpRequest, HttpResponse, Service
-from shared.streams import REDIS_DOWN
+from shared.service import Service
+from shared.streams.connection import REDIS_DOWN
 
 from shared.acks import UnknownAlert, acknowledge
 from services.viewer.auth import LOGOUT_COOKIE, OPERATOR, Tokens

@@ -12,6 +12,7 @@ import yaml
 
 from services.cli import parser as cli_parser
 from shared.config import load_config
+from shared.keys import Keys
 from tests.support.deploy import CRDS, K8S, RUNNABLE, load_yaml, need, run
 
 SECRET_EXAMPLES = K8S / "secret.example.yaml"
@@ -152,7 +153,7 @@ def test_k8s_podmonitor_and_keda(k8s_base):
         assert trig["type"] == "redis-streams"
         meta = trig["metadata"]
         task = meta["consumerGroup"].removeprefix("infer-")
-        assert meta["stream"] == f"{cfg.redis.prefix}:prepared:{task}"
+        assert meta["stream"] == Keys(cfg.redis.prefix).prepared(task)
         assert int(meta["pendingEntriesCount"]) > 0
         assert meta["address"].split(":")[0] in cfg.redis.url
         assert trig["authenticationRef"]["name"] in auths

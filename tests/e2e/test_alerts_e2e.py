@@ -76,13 +76,13 @@ def test_the_demo_raises_an_alert_of_every_task_each_delivered_once(r, redis_ser
     up = Up(cfg, tmp_path, r, {"E2E_HOOK_SECRET": SECRET, "PLANTSIGHT_DEMO_MODELS": str(tmp_path / "none")})
 
     def alerts() -> list[dict]:
-        return [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(f"{up.prefix}:alerts")]
+        return [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(up.keys.alerts)]
 
     def fired_tasks() -> set[str]:
         return {a["task"] for a in alerts() if a["state"] == "firing" and a["rule"] in rules}
 
     try:
-        up.wait_for(lambda: r.xlen(f"{up.prefix}:results"), 180, "the first result")  # startup: torch imports, models
+        up.wait_for(lambda: r.xlen(up.keys.results), 180, "the first result")  # startup: torch imports, models
         first, seen = time.monotonic(), {}
         while set(seen) < set(TASKS) and time.monotonic() - first < 60 and up.proc.poll() is None:
             for task in fired_tasks() - set(seen):

@@ -52,7 +52,7 @@ def test_a_dead_ip_camera_is_reconnected_with_backoff_and_alerted(up_pipeline, r
 
         def alerts():
             return [(a["rule"], a["state"]) for a in
-                    (msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(f"{up.prefix}:alerts"))]
+                    (msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(up.keys.alerts))]
 
         def gauge(name):
             return up.counter("ingest", name, camera="ipcam")

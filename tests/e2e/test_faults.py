@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
+from shared.keys import Keys
 from shared.messages import Prepared
 from tests.support.pipeline import Up, groups_idle, per_key
 from tests.support.redis_server import RedisServer
@@ -65,11 +66,11 @@ def test_a_frame_that_crashes_the_model_is_dead_lettered_after_max_deliveries(up
     img = np.zeros((224, 224, 3), np.uint16)
     poison = Prepared(camera="p1", seq=99_999, ts=time.time_ns(), task="classify", frame_id="0-1",
                       shape=img.shape, dtype="uint16", data=img.tobytes(), orig=[224, 224], letterbox=[1.0, 0, 0])
-    stream = f"{up.prefix}:prepared:classify"
+    stream = up.keys.prepared("classify")
     pid = r.xadd(stream, {"m": poison.to_msgpack(), "cam": "p1"}).decode()
-    up.wait_for(lambda: any(f[b"id"].decode() == pid for _, f in r.xrange(f"{up.prefix}:deadletter")), 60,
+    up.wait_for(lambda: any(f[b"id"].decode() == pid for _, f in r.xrange(up.keys.deadletter)), 60,
                 "the poison frame dead-lettered")
-    (letter,) = [f for _, f in r.xrange(f"{up.prefix}:deadletter") if f[b"id"].decode() == pid]
+    (letter,) = [f for _, f in r.xrange(up.keys.deadletter) if f[b"id"].decode() == pid]
     assert letter[b"reason"] == b"max_deliveries" and letter[b"stage"] == b"infer"
     up.wait_for(lambda: len({m["seq"] for m in up.results()}) == 20, 120, "every good frame")
     assert all(m["seq"] != 99_999 for m in up.results())
@@ -80,7 +81,7 @@ def test_a_frame_that_crashes_the_model_is_dead_lettered_after_max_deliveries(up
 def _alerts(r, prefix):
     import msgpack
 
-    return [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(f"{prefix}:alerts")]
+    return [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(Keys(prefix).alerts)]
 
 
 def test_camera_offline_frozen_and_black_alerts_fire_and_resolve(up_pipeline, r, tmp_path, shared_data):

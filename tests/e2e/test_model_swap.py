@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from services.inference.swap import active_key
+from shared.keys import Keys
 from shared.models.modeldir import default_meta, save_model_dir
 from shared.models.registry import build
 from tests.support.environment import env_without_plantsight
@@ -57,7 +57,7 @@ def test_models_swap_between_batches_with_no_frame_lost_or_repeated(up_pipeline,
     (broken / "model.pt").write_bytes(b"not a state dict")
     done = deploy(up, "classify", broken)
     assert done.returncode == 1, done.stdout + done.stderr
-    rec = json.loads(r.hget(active_key(up.prefix), "classify"))
+    rec = json.loads(r.hget(Keys(up.prefix).models_active, "classify"))
     assert rec["model"] == "simple_cnn@v2" and "not a loadable state dict" in rec["refused"]
 
     # 3. `plantsight models deploy` switches to another directory.

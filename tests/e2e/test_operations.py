@@ -14,6 +14,7 @@ import pytest
 import redis
 import yaml
 
+from shared.keys import Keys
 from tests.support.environment import env_without_plantsight
 from tests.support.paths import ROOT
 from tests.support.pipeline import groups_idle, per_key
@@ -42,11 +43,11 @@ def test_a_killed_worker_loses_nothing_and_duplicates_nothing(up_pipeline, r, vi
                      streams={"claim_idle_ms": 1500})
     up.wait_for(lambda: len(up.results()) >= 6, 120, "first results")
     if victim == "preprocess":
-        stream, group = f"{up.prefix}:frames", "preprocess"
+        stream, group = up.keys.frames, Keys.PREPROCESS
     elif read_from == "frames":
-        stream, group = f"{up.prefix}:frames", "infer-classify"
+        stream, group = up.keys.frames, Keys.infer_group("classify")
     else:
-        stream, group = f"{up.prefix}:prepared:classify", "infer-classify"
+        stream, group = up.keys.prepared("classify"), Keys.infer_group("classify")
     # Freeze the victim at a moment it holds unacknowledged entries, then kill it: there is work to take over.
     pid = child_pid(up, victim)
 
@@ -118,12 +119,12 @@ def test_secrets_never_reach_logs_or_config_check(tmp_path, up_pipeline, service
             client = redis.Redis(port=server.port, password=redis_pw)
             deadline = time.monotonic() + 120
             # The webhook target is down: the delivery is retried, then dead-lettered (its error is logged).
-            while time.monotonic() < deadline and not client.xlen("sec:deadletter"):
+            while time.monotonic() < deadline and not client.xlen(Keys("sec").deadletter):
                 time.sleep(0.3)
             proc.send_signal(signal.SIGINT)
             assert proc.wait(60) == 0
         text = log.read_text() + check.stdout + check.stderr
-        assert client.xlen("sec:results") == 6
+        assert client.xlen(Keys("sec").results) == 6
         assert "giving up on alert" in text  # the log did cover the sink
         assert redis_pw not in text and hook_secret not in text
         assert "**********" in check.stdout
@@ -221,7 +222,7 @@ def test_a_wrong_redis_password_fails_at_start_without_printing_it(tmp_path, ser
         env["PS_PW"] = "the-right-one"
         out = subprocess.run([sys.executable, "-m", "services.cli", "streams", "--config", str(path), "--json"],
                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
-        assert out.returncode == 0 and json.loads(out.stdout)["streams"][0]["stream"] == "pw:frames"
+        assert out.returncode == 0 and json.loads(out.stdout)["streams"][0]["stream"] == Keys("pw").frames
     finally:
         server.close()
 
@@ -238,29 +239,30 @@ def test_sigterm_lets_infer_finish_and_acknowledge_the_batch_in_hand(tmp_path, r
         "cameras": [{"id": "e1", "source": "synthetic://equipment", "tasks": ["detect"]}],
         "models": {"detect": {"arch": "simple_yolo"}},
         "inference": {"device": "cpu", "max_batch": 4, "max_wait_ms": 0, "threads": 1}}))
+    keys = Keys("drain")
     img = np.zeros((448, 448, 3), np.uint8)
     for seq in range(24):
         msg = Prepared(camera="e1", seq=seq, ts=time.time_ns(), task="detect", frame_id=f"1-{seq}", shape=img.shape,
                        dtype="uint8", data=img.tobytes(), orig=[448, 448], letterbox=[1.0, 0, 0])
-        r.xadd("drain:prepared:detect", {"m": msg.to_msgpack(), "cam": "e1"})
+        r.xadd(keys.prepared("detect"), {"m": msg.to_msgpack(), "cam": "e1"})
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "infer", "--config", str(path)], cwd=ROOT,
                             env=env_without_plantsight(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # a batch in hand: delivered, not yet acknowledged
-        groups = {g["name"]: g for g in r.xinfo_groups("drain:prepared:detect")}
+        groups = {g["name"]: g for g in r.xinfo_groups(keys.prepared("detect"))}
         if groups.get(b"infer-detect", {}).get("pending", 0) > 0:
             break
         time.sleep(0.02)
-    in_hand = r.xinfo_groups("drain:prepared:detect")[0]["pending"]
+    in_hand = r.xinfo_groups(keys.prepared("detect"))[0]["pending"]
     assert in_hand > 0
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0 and time.monotonic() - t0 < 10
-    g = r.xinfo_groups("drain:prepared:detect")[0]
+    g = r.xinfo_groups(keys.prepared("detect"))[0]
     assert g["pending"] == 0  # the batch in hand was finished and acknowledged
-    done = r.xlen("drain:results")
+    done = r.xlen(keys.results)
     assert done >= in_hand and done < 24  # it stopped taking new work
-    assert sorted(msgpack_seq(f) for _, f in r.xrange("drain:results")) == list(range(done))
+    assert sorted(msgpack_seq(f) for _, f in r.xrange(keys.results)) == list(range(done))
 
 
 def msgpack_seq(fields) -> int:

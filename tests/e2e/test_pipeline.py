@@ -58,7 +58,7 @@ def test_every_frame_gets_exactly_one_result_per_task(up_pipeline, r):
         if m["task"] == "thermal":
             assert m["out"]["source"] == "radiometric" and m["out"]["min_k"] <= m["out"]["avg_k"] <= m["out"]["max_k"]
     # The always-true rule fired once per thermal camera (one episode, not one alert per frame).
-    alerts = [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(f"{up.prefix}:alerts")]
+    alerts = [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(up.keys.alerts)]
     assert sorted(a["camera"] for a in alerts if a["state"] == "firing") == ["thermal-1", "thermal-2"]
     assert up.counter("alert", "plantsight_alerts_total", rule="warm") == 2
     assert up.stop() == 0
@@ -80,8 +80,8 @@ def test_with_infer_reading_the_frames_no_preprocess_runs_and_every_frame_gets_o
     up.wait_for(lambda: groups_idle(r, up.prefix, frames, "frames"), 30, "all groups drained")
     counts = per_key(up.results())
     assert set(counts) == expected and max(counts.values()) == 1
-    assert {g["name"].decode() for g in r.xinfo_groups(f"{up.prefix}:frames")} == {f"infer-{t}" for t in frames}
-    assert not r.keys(f"{up.prefix}:prepared:*")
+    assert {g["name"].decode() for g in r.xinfo_groups(up.keys.frames)} == {f"infer-{t}" for t in frames}
+    assert not r.keys(up.keys.prepared("*"))
     with pytest.raises(httpx.TransportError):  # no preprocess process
         httpx.get(f"http://127.0.0.1:{up.port('preprocess')}/healthz", timeout=2)
     for c in cams:  # every frame published was processed once per task, none dropped
@@ -135,7 +135,7 @@ def test_bad_input_goes_to_the_dead_letter_stream_and_processing_goes_on(up_pipe
     cams = [{"id": "good", "source": "synthetic://process", "fps": 10, "tasks": ["classify"], "on_full": "block",
              "max_frames": 12}]
     up = up_pipeline(cams, streams={"max_message_bytes": 400_000})
-    frames = f"{up.prefix}:frames"
+    frames = up.keys.frames
     up.wait_for(lambda: len(up.results()) >= 2, 120, "first results")
     image = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     good = _frame("good", 10_000, image)
@@ -151,12 +151,12 @@ def test_bad_input_goes_to_the_dead_letter_stream_and_processing_goes_on(up_pipe
     # A prepared message of the wrong size for the network, straight onto the infer stream.
     wrong = Prepared(camera="good", seq=10_004, ts=time.time_ns(), task="classify", frame_id="0-1",
                      shape=[10, 10, 3], dtype="uint8", data=bytes(300), orig=[10, 10], letterbox=[1.0, 0, 0])
-    prepared = f"{up.prefix}:prepared:classify"
+    prepared = up.keys.prepared("classify")
     ids["prepared"] = (prepared, r.xadd(prepared, {"m": wrong.to_msgpack(), "cam": "good"}).decode())
     r.xadd(frames, {"m": good, "cam": "good"})
 
     def dead():
-        return {(f[b"stream"].decode(), f[b"id"].decode()): f for _, f in r.xrange(f"{up.prefix}:deadletter")}
+        return {(f[b"stream"].decode(), f[b"id"].decode()): f for _, f in r.xrange(up.keys.deadletter)}
 
     up.wait_for(lambda: set(ids.values()) <= set(dead()), 60, "all bad entries dead-lettered")
     letters = dead()

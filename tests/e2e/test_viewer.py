@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from shared.config import demo_config
+from shared.keys import Keys
 from shared.messages import Frame
-from shared.streams import Names
 from tests.support.environment import env_without_plantsight
 from tests.support.paths import ARTIFACTS, ROOT
 from tests.support.ports import ports
@@ -170,7 +170,7 @@ def test_live_mjpeg_sends_each_new_picture(demo):
 
 
 def test_streams_and_services_show_the_whole_pipeline(demo):
-    names = Names(PREFIX)
+    names = Keys(PREFIX)
     rows = {row["stream"]: row for row in demo.get("/api/streams").json()}
     assert set(rows) == {s for s, _ in names.all(DEMO.tasks())}
     assert rows[names.frames]["group"] == "preprocess" and rows[names.frames]["length"] > 0

@@ -18,8 +18,9 @@ from services.alerting.service import AlertService
 from shared.config import load_config
 from shared.data.scenes import make_scene
 from shared.imaging import encode
+from shared.keys import Keys
 from shared.messages import Alert, Frame, Result
-from shared.streams import group_lag
+from shared.streams.groups import group_lag
 from tests.support.environment import env_without_plantsight
 from tests.support.paths import ROOT
 from tests.support.ports import free_port
@@ -325,7 +326,7 @@ def test_cli_lists_and_acknowledges_alerts(redis_server, r, prefix, tmp_path):
     code, out, _ = cli("ack", firing.id, "--by", "ann", "--config", str(path))
     assert code == 0 and json.loads(out)["by"] == "ann"
     code, _, err = cli("--config", str(path), "ack", "no-such-id")
-    assert code == 1 and f"no alert no-such-id on {prefix}:alerts" in err
+    assert code == 1 and f"no alert no-such-id on {Keys(prefix).alerts}" in err
     code, out, _ = cli("--config", str(path), "--json")
     rows = json.loads(out)["alerts"]
     assert [(a["id"], a["state"], a["rule"], a["camera"], a["value"], (a["acked"] or {}).get("by")) for a in rows] == [

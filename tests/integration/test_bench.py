@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from shared.keys import Keys
 from tests.support.environment import env_without_plantsight
 from tests.support.paths import ROOT
 
@@ -30,8 +31,8 @@ def test_transport_compares_the_codec_hop_with_a_bare_redis_py_loop_in_one_run()
     assert {"redis_server", "torch", "python"} <= set(out["versions"])
 
 
-@pytest.mark.parametrize("read_from, group, writes", [("frames", "infer-classify", "bench:results"),
-                                                      ("prepared", "preprocess", "bench:prepared:classify")])
+@pytest.mark.parametrize("read_from, group, writes", [("frames", "infer-classify", Keys("bench").results),
+                                                      ("prepared", "preprocess", Keys("bench").prepared("classify"))])
 def test_ingest_mode_measures_the_real_ingest_against_a_paced_reader(read_from, group, writes):
     out = bench("ingest", "--cameras", "2", "--width", "64", "--height", "48", "--rate", "100", "--seconds", "1",
                 "--warmup", "0.5", "--read-from", read_from)

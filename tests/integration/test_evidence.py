@@ -19,9 +19,9 @@ from services.alerting.evidence import EvidenceError, EvidenceStore, check_id
 from shared.config import load_config
 from shared.data.scenes import make_scene
 from shared.imaging import encode
+from shared.keys import Keys
 from shared.messages import Alert, Frame, Result
 from shared.overlay import ZONE_HIGHLIGHT, render_base
-from shared.streams import Names
 
 KILN_ZONE = [[20, 10], [150, 10], [150, 110], [20, 110]]
 
@@ -47,7 +47,7 @@ def make_cfg(redis_server, prefix, tmp_path, **alerts):
         environ={})
 
 
-def put_frame(r, names: Names, camera: str, seq: int, image: np.ndarray, entry_id: str = "*", raw: bool = False) -> str:
+def put_frame(r, names: Keys, camera: str, seq: int, image: np.ndarray, entry_id: str = "*", raw: bool = False) -> str:
     enc, data = ("raw", image.tobytes()) if raw else encode(image, 90)
     frame = Frame(camera=camera, seq=seq, ts=time.time_ns(), enc=enc, shape=image.shape, dtype=str(image.dtype),
                   data=data)
@@ -82,7 +82,7 @@ def near(pixel: np.ndarray, colour, tol: int = 90) -> bool:
 
 def test_thermal_alert_snapshot_clip_and_facts(redis_server, r, prefix, tmp_path):
     cfg = make_cfg(redis_server, prefix, tmp_path)
-    names = Names(prefix)
+    names = Keys(prefix)
     scene = make_scene("thermal", seed=1, anomaly_rate=1.0)
     first = next(s for s in range(400) if scene.render(s + 15)[1]["hotspots"])
     pumps = make_scene("equipment", seed=0, anomaly_rate=0.0)
@@ -135,7 +135,7 @@ def test_thermal_alert_snapshot_clip_and_facts(redis_server, r, prefix, tmp_path
 
 def test_clip_finishes_after_the_alert_and_survives_a_restart(redis_server, r, prefix, tmp_path):
     cfg = make_cfg(redis_server, prefix, tmp_path)
-    names = Names(prefix)
+    names = Keys(prefix)
     scene = make_scene("equipment", seed=2, anomaly_rate=1.0)
     ids = []
 
@@ -197,7 +197,7 @@ def test_clip_finishes_after_the_alert_and_survives_a_restart(redis_server, r, p
 
 def test_missing_frames_and_health_alerts_never_raise(redis_server, r, prefix, tmp_path):
     cfg = make_cfg(redis_server, prefix, tmp_path)
-    names = Names(prefix)
+    names = Keys(prefix)
     store = EvidenceStore(cfg, r)
     process = make_scene("process", seed=0)
     last = [put_frame(r, names, "reactor-1", i, process.render(i)[0], raw=True) for i in range(3)][-1]
@@ -210,7 +210,7 @@ def test_missing_frames_and_health_alerts_never_raise(redis_server, r, prefix, t
     store.capture(gone, result)
     facts = facts_of(store, gone.id)
     assert facts["files"] == ["evidence.json"]
-    assert f"frame 1-0 is no longer in {prefix}:frames" in facts["missing"]
+    assert f"frame 1-0 is no longer in {Keys(prefix).frames}" in facts["missing"]
     assert facts["clip"]["state"] == "none" and facts["clip"]["frames"] == 0
     assert sorted(os.listdir(store.path(gone.id))) == ["evidence.json"]
 
@@ -232,11 +232,11 @@ def test_missing_frames_and_health_alerts_never_raise(redis_server, r, prefix, t
     store.capture(offline, None)
     facts = facts_of(store, offline.id)
     assert facts["files"] == ["evidence.json"]
-    assert facts["missing"] == [f"no frame of camera ghost in {prefix}:frames"]
+    assert facts["missing"] == [f"no frame of camera ghost in {Keys(prefix).frames}"]
 
 
 def test_classifier_alert_gets_a_gradcam_or_says_why_not(redis_server, r, prefix, tmp_path):
-    names = Names(prefix)
+    names = Keys(prefix)
     image, _ = make_scene("process", seed=0, anomaly_rate=1.0).render(5)
     frame_id = put_frame(r, names, "reactor-1", 5, image, f"{int(time.time() * 1000) - 30_000}-0")
     out = {"label": "anomaly", "index": 1, "probs": [0.1, 0.9], "classes": ["normal", "anomaly"]}

@@ -12,8 +12,10 @@ import pytest
 from services.inference.batcher import PREFETCH, Batcher, collect
 from services.inference.service import InferService
 from shared.config import load_config
+from shared.keys import Keys
 from shared.messages import Prepared, Result
-from shared.streams import DeadLetters, GroupReader, Names, ensure_group
+from shared.streams.connection import ensure_group
+from shared.streams.reader import DeadLetters, GroupReader
 
 
 def prepared(seq: int, camera: str = "c1") -> bytes:
@@ -24,8 +26,8 @@ def prepared(seq: int, camera: str = "c1") -> bytes:
 
 
 def reader(r, prefix: str, consumer: str = "w1", claim_idle_ms: int = 60_000) -> GroupReader:
-    names = Names(prefix)
-    rd = GroupReader(r, names.prepared("classify"), Names.infer_group("classify"), consumer,
+    names = Keys(prefix)
+    rd = GroupReader(r, names.prepared("classify"), Keys.infer_group("classify"), consumer,
                      dead=DeadLetters(r, names, 3600, "infer"), count=8, block_ms=100, claim_idle_ms=claim_idle_ms,
                      max_deliveries=5, max_bytes=1 << 20)
     rd.setup()

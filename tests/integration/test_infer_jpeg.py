@@ -17,8 +17,9 @@ from services.preprocess.service import PreprocessService
 from shared.config import load_config
 from shared.data.scenes import scene_from_source
 from shared.imaging import decode_frame, encode, jpeg_reduction
+from shared.keys import Keys
 from shared.messages import DecodeError, Frame, Prepared, Result
-from shared.streams import Entry
+from shared.streams.reader import Entry
 
 
 def frame(seq: int, scene="process", w=640, h=480) -> Frame:
@@ -195,4 +196,4 @@ def test_infer_reading_the_frames_itself_gives_the_preprocess_paths_results(redi
     for run in svc.runners:  # every group has read and acknowledged every frame
         (group,) = [g for g in r.xinfo_groups(svc.names.frames) if g["name"].decode() == f"infer-{run.task}"]
         assert group["pending"] == 0 and group["last-delivered-id"].decode() == unknown, run.task
-    assert not r.keys(f"{prefix}:prepared:*")
+    assert not r.keys(Keys(prefix).prepared("*"))

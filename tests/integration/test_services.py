@@ -14,6 +14,7 @@ from services.inference.postprocess import boxes_to_original, mask_to_original, 
 from services.inference.service import InferService
 from shared.config import load_config
 from shared.imaging import letterbox
+from shared.keys import Keys
 from shared.messages import Alert, Prepared, Result
 from tests.support.redis_server import command_calls
 from tests.support.waiting import wait_until
@@ -152,7 +153,7 @@ def test_ingest_replicas_share_the_cameras_out_and_forward_replayed_jpeg_untouch
         for w in svc.workers:
             w.join(timeout=10)
         svc.stop.set()
-    frames = [Frame.from_msgpack(f[b"m"]) for _, f in r.xrange(f"{prefix}:frames")]
+    frames = [Frame.from_msgpack(f[b"m"]) for _, f in r.xrange(Keys(prefix).frames)]
     assert sorted((f.camera, f.seq) for f in frames) == [(f"c{i}", s) for i in range(5) for s in range(3)]
     by_seq = {(f.camera, f.seq): f for f in frames}
     assert all(f.enc == "jpeg" and f.shape == (48, 64, 3) for f in frames)
@@ -166,7 +167,7 @@ def blocked_in_xread(r) -> bool:
 
 def questions(calls: dict[str, int]) -> int:
     """How often a service asked where a consumer group stands: each question is one XINFO GROUPS, run by
-    ``streams.ask_position``'s script (Redis counts the commands a script runs)."""
+    ``streams.groups.ask_position``'s script (Redis counts the commands a script runs)."""
     return calls.get("cmdstat_xinfo", 0)
 
 
@@ -178,14 +179,13 @@ def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis
     through within 3 s only because each write wakes the cameras."""
     from services.ingest import service as ingest
     from shared.messages import Frame
-    from shared.streams import Names
 
     monkeypatch.setattr(ingest, "BLOCKED_WAIT_S", 4.0)  # below the client's 5 s socket timeout
     n, queue = 12, 3
     cams = [{"id": f"c{i}", "source": "synthetic://process?w=64&h=48&replay=2", "tasks": ["classify"],
              "fps": 200, "max_frames": n, "on_full": "block", "queue": queue} for i in range(4)]
     svc = ingest.IngestService(config(redis_server, prefix, cameras=cams), port=0)
-    stream, prepared = f"{prefix}:frames", f"{prefix}:prepared:classify"
+    stream, prepared = svc.names.frames, svc.names.prepared("classify")
     svc.setup()
     try:
         wait_until(lambda: r.xlen(stream) >= 4 * queue, 10, "the cameras fill their queues")
@@ -202,7 +202,7 @@ def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis
         t0 = time.monotonic()
         while len(seen) < 4 * n:
             assert time.monotonic() - t0 < 3.0, f"{len(seen)} frames after 3 s: the writes did not wake the cameras"
-            reply = r.xreadgroup(Names.PREPROCESS, "test", {stream: ">"}, count=100, block=50)
+            reply = r.xreadgroup(Keys.PREPROCESS, "test", {stream: ">"}, count=100, block=50)
             for _, entries in reply or []:
                 for _id, f in entries:
                     frame = Frame.from_msgpack(f[b"m"])
@@ -231,12 +231,12 @@ def test_a_blocked_camera_takes_over_the_asking_when_the_poller_hands_over_witho
     sleeper left to its own timeout stalled its camera for twice ``BLOCKED_WAIT_S`` with nobody asking (CI
     saw the test above time out so)."""
     from services.ingest import service as ingest
-    from shared.streams import Names, ensure_group
+    from shared.streams.connection import ensure_group
 
     monkeypatch.setattr(ingest, "BLOCKED_WAIT_S", 2.0)  # the poller's wait; a sleeper's own timeout is 4 s
     cams = [{"id": "c0", "source": "synthetic://process?w=64&h=48", "tasks": ["classify"]}]
     svc = ingest.IngestService(config(redis_server, prefix, cameras=cams), port=0)
-    ensure_group(r, svc.names.frames, Names.PREPROCESS)  # as setup does, without starting the camera
+    ensure_group(r, svc.names.frames, Keys.PREPROCESS)  # as setup does, without starting the camera
     far = (2**62, 0)  # a frame preprocess never reaches
     poller = threading.Thread(target=svc.wait_delivered, args=(far,), daemon=True)
     poller.start()

@@ -137,7 +137,7 @@ def test_alertmanager_lists_the_alert_then_shows_it_resolved(redis_server, r, pr
     assert instant(note["startsAt"]) == instant(iso(a.ts)) and instant(note["endsAt"]) == instant(iso(clear.ts))
     assert note["annotations"]["message"] == "kiln back to normal" and note["annotations"]["resolved_by"] == clear.id
     assert am.alerts() == []  # nothing active any more
-    assert json.loads(r2.hget(f"{prefix}:sink-state:cmms", a.id))["state"] == "resolved"
+    assert json.loads(r2.hget(names.sink_state("cmms"), a.id))["state"] == "resolved"
     assert r2.xlen(names.deadletter) == 0
 
 
@@ -165,7 +165,7 @@ def test_a_firing_alert_that_arrives_after_its_resolve_is_posted_already_ended(r
                          resend_s=0.2)
     time.sleep(1.0)  # a few re-post intervals: nothing may bring it back
     assert am.alerts() == []
-    assert json.loads(r2.hget(f"{prefix}:sink-state:cmms", a.id))["state"] == "resolved"
+    assert json.loads(r2.hget(names.sink_state("cmms"), a.id))["state"] == "resolved"
     assert ("firing", "hot") not in statuses(notified)
     assert r2.xlen(names.deadletter) == 0
 

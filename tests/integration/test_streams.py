@@ -9,21 +9,26 @@ import pytest
 from prometheus_client import REGISTRY
 
 from shared.config import Config
-from shared.streams import (REDIS_DOWN, DeadLetters, GroupReader, Names, Outbox, Position, Producer, ask_position,
-                            ensure_group, group_info, group_lag, group_position, parse_id, position_of,
-                            publish_stream_metrics, stream_stats, wait_then_ask)
+from shared.keys import Keys
+from shared.streams.connection import REDIS_DOWN, ensure_group
+from shared.streams.groups import (Position, ask_position, group_info, group_lag, group_position, parse_id,
+                                   position_of, wait_then_ask)
+from shared.streams.outbox import Outbox
+from shared.streams.producer import Producer
+from shared.streams.reader import DeadLetters, GroupReader
+from shared.streams.stats import publish_stream_metrics, stream_stats
 from tests.support.redis_server import command_calls, redis_major
 
-GROUP = Names.PREPROCESS
+GROUP = Keys.PREPROCESS
 CLAIM_IDLE_MS = 100
 
 
 @pytest.fixture
-def names(prefix) -> Names:
-    return Names(prefix)
+def names(prefix) -> Keys:
+    return Keys(prefix)
 
 
-def reader(r, names: Names, consumer: str, *, max_deliveries: int = 3, max_bytes: int = 1024,
+def reader(r, names: Keys, consumer: str, *, max_deliveries: int = 3, max_bytes: int = 1024,
            count: int = 10) -> GroupReader:
     dead = DeadLetters(r, names, max_age_s=3600, stage="preprocess")
     rd = GroupReader(r, names.frames, GROUP, consumer, dead=dead, count=count, block_ms=10,
@@ -36,7 +41,7 @@ def pending(r, stream: str, group: str = GROUP) -> int:
     return int(r.xpending(stream, group)["pending"])
 
 
-def deadletters(r, names: Names) -> list[dict]:
+def deadletters(r, names: Keys) -> list[dict]:
     return [{k.decode(): v.decode() if k != b"m" else v for k, v in fields.items()}
             for _id, fields in r.xrange(names.deadletter)]
 
@@ -316,7 +321,7 @@ def test_stream_stats_rows(r, names):
     for i in range(4):
         frames.add(b"%d" % i, cam="kiln-1")
     reader(r, names, "worker-1", count=1).read()
-    ensure_group(r, names.prepared("thermal"), Names.infer_group("thermal"))
+    ensure_group(r, names.prepared("thermal"), Keys.infer_group("thermal"))
     Producer(r, names.prepared("thermal")).add(b"p", cam="kiln-1", task="thermal")
     Producer(r, names.alerts, max_age_s=3600).add(b"alert")
     assert stream_stats(r, names, ["thermal"]) == [
@@ -330,7 +335,7 @@ def test_stream_stats_rows(r, names):
 
 def test_stream_stats_rows_when_infer_reads_the_frames(r, prefix):
     """``read_from: frames``: a row per infer group on ``{P}:frames``, no ``prepared`` streams."""
-    names = Names(prefix, infer_reads_frames=True)
+    names = Keys(prefix, infer_reads_frames=True)
     assert names.frame_groups(["detect", "classify"]) == ["infer-classify", "infer-detect"]
     assert names.frame_readers_write(["detect", "classify"]) == [names.results]
     frames = Producer(r, names.frames)

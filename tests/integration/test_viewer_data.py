@@ -18,9 +18,13 @@ from shared.acks import acknowledge
 from services.viewer.data import ViewerData, valid_alert_id
 from shared.config import load_config
 from shared.imaging import encode
+from shared.keys import Keys
 from shared.messages import Alert, Frame, Result
-from shared.runtime import Service, services_key
-from shared.streams import DeadLetters, Entry, Names, Outbox, Producer, ensure_group
+from shared.service import Service
+from shared.streams.connection import ensure_group
+from shared.streams.outbox import Outbox
+from shared.streams.producer import Producer
+from shared.streams.reader import DeadLetters, Entry
 
 BELT = [[10, 10], [60, 10], [60, 40], [10, 40]]
 CLASSES = ["normal", "anomaly"]
@@ -44,7 +48,7 @@ class Writer:
     """Writes the three streams as ingest (frames), infer (results) and alert (alerts) do."""
 
     def __init__(self, r, prefix: str):
-        self.r, self.names = r, Names(prefix)
+        self.r, self.names = r, Keys(prefix)
         self.frames = Producer(r, self.names.frames, maxlen=2000)
         self.results = Producer(r, self.names.results, maxlen=10000)
         self.alerts = Producer(r, self.names.alerts, max_age_s=30 * 86400)
@@ -313,11 +317,11 @@ def test_evidence_path_takes_only_uuid_ids_and_known_names(env):
 # --- pipeline health ----------------------------------------------------------------------------------------
 def test_streams_show_length_lag_pending_and_dead_letter_reasons(env, r, prefix):
     cfg, data, w = env
-    names = Names(prefix)
-    ensure_group(r, names.frames, Names.PREPROCESS)
+    names = Keys(prefix)
+    ensure_group(r, names.frames, Keys.PREPROCESS)
     for i in range(3):
         w.frame("press-1", solid(10 * i))
-    r.xreadgroup(Names.PREPROCESS, "pre-1", {names.frames: ">"}, count=1)  # one delivered, not acknowledged
+    r.xreadgroup(Keys.PREPROCESS, "pre-1", {names.frames: ">"}, count=1)  # one delivered, not acknowledged
     dead = DeadLetters(r, names, max_age_s=7 * 86400, stage="preprocess")
     box = Outbox(r)
     for reason, n in (("decode_error", 2), ("oversized", 1), ("max_deliveries", 3)):
@@ -345,7 +349,7 @@ def test_services_show_heartbeats_and_mark_silent_ones_down(env, r, prefix):
     svc = _Beating(cfg, replica=1, port=0)
     svc._connect()
     svc.heartbeat()  # a live process, as the service loop writes it every stats_every_s
-    key = services_key(prefix)
+    key = Keys(prefix).services
     now = time.time()
 
     def beat(field: str, service: str, age: float, ready: bool = True):

@@ -22,9 +22,10 @@ from services.viewer.service import MAX_CLIP_PLAYS, SECURITY_HEADERS, ViewerServ
 from shared.config import load_config
 from shared.data.scenes import make_scene
 from shared.imaging import decode_frame, encode
+from shared.keys import Keys
 from shared.messages import Alert, Frame, Result
 from shared.overlay import BOX_COLOURS, draw
-from shared.streams import Names, Producer
+from shared.streams.producer import Producer
 from tests.support.ports import free_port
 from tests.support.waiting import wait_until
 
@@ -46,7 +47,7 @@ class Viewer:
             "models": {"classify": {"arch": "simple_cnn"}},
             "alerts": {"evidence_dir": str(tmp_path / "evidence")}},
             environ={})
-        self.r, self.names = r, Names(prefix)
+        self.r, self.names = r, Keys(prefix)
         tokens = Tokens({"PLANTSIGHT_VIEWER_TOKEN": READ, "PLANTSIGHT_VIEWER_OPERATOR_TOKEN": OPERATOR})
         self.port = free_port()
         self.svc = ViewerService(self.cfg, tokens=tokens, port=self.port)

@@ -283,7 +283,7 @@ def test_an_alert_being_retried_is_not_taken_over_by_another_replica(redis_serve
             two.stop()
         rx.close()
     assert [h["Idempotency-Key"] for _, h, _ in rx.requests] == [alert(12).id] * 4
-    assert r.xlen(f"{prefix}:deadletter") == 0
+    assert r.xlen(one.names.deadletter) == 0
 
 
 def test_a_header_naming_an_unset_variable_stops_the_start(redis_server, r, prefix, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.keys import Keys
 from tests.support.environment import env_without_plantsight
 from tests.support.paths import ROOT
 
@@ -26,6 +27,7 @@ class Up:
     def __init__(self, cfg: dict, tmp: Path, r, extra_env: dict | None = None):
         self.cfg, self.r = cfg, r
         self.prefix = cfg["redis"]["prefix"]
+        self.keys = Keys(self.prefix)
         self.path = tmp / "plantsight.yaml"
         self.path.write_text(yaml.safe_dump(cfg))
         self.log_path = tmp / "up.log"
@@ -38,7 +40,7 @@ class Up:
         return self.cfg["services"][service]["port"]
 
     def results(self) -> list[dict]:
-        return [msgpack.unpackb(f[b"m"], raw=False) for _, f in self.r.xrange(f"{self.prefix}:results")]
+        return [msgpack.unpackb(f[b"m"], raw=False) for _, f in self.r.xrange(self.keys.results)]
 
     def wait_for(self, predicate, timeout: float, what: str):
         deadline = time.monotonic() + timeout
@@ -106,11 +108,12 @@ def per_key(results: list[dict]) -> collections.Counter:
 
 def groups_idle(r, prefix: str, tasks, read_from: str = "prepared") -> bool:
     """Nothing undelivered and nothing pending in any consumer group of the pipeline."""
-    pairs = [(f"{prefix}:results", "alert")]
+    keys = Keys(prefix)
+    pairs = [(keys.results, Keys.ALERT)]
     if read_from == "frames":  # infer's group of each task reads the frames itself
-        pairs += [(f"{prefix}:frames", f"infer-{t}") for t in tasks]
+        pairs += [(keys.frames, Keys.infer_group(t)) for t in tasks]
     else:
-        pairs += [(f"{prefix}:frames", "preprocess")] + [(f"{prefix}:prepared:{t}", f"infer-{t}") for t in tasks]
+        pairs += [(keys.frames, Keys.PREPROCESS)] + [(keys.prepared(t), Keys.infer_group(t)) for t in tasks]
     for stream, group in pairs:
         for g in r.xinfo_groups(stream):
             if g["name"].decode() == group:

@@ -8,8 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from services.alerting.sinks import SinkWorker
 from shared.config import load_config
+from shared.keys import Keys
 from shared.messages import Alert
-from shared.streams import DeadLetters, GroupReader, Names, connect, ensure_group
+from shared.streams.connection import connect, ensure_group
+from shared.streams.reader import DeadLetters, GroupReader
 
 
 class Receiver:
@@ -59,7 +61,7 @@ class RunningSink:
                        "sinks": [sink], **(alerts_cfg or {})}},
             environ={})
         self.r = connect(cfg.redis)
-        self.names = Names(prefix)
+        self.names = Keys(prefix)
         for a in alerts:
             self.add(a)
         ensure_group(self.r, self.names.alerts, "sink-cmms")  # before ``until`` asks about it (the worker would, later)

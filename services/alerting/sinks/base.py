@@ -18,6 +18,7 @@ import redis
 
 from shared.config import Config
 from shared.config_sinks import HttpSinkConfig, Sink
+from shared.keys import Keys
 from shared.messages import Alert
 from shared.templates import episode_of
 
@@ -40,7 +41,7 @@ class Context:
 
     def state_key(self, sink: Sink) -> str:
         """A hash a stateful sink (mqtt, alertmanager) keeps its firing episodes in."""
-        return f"{self.prefix}:sink-state:{sink.name}"
+        return Keys(self.prefix).sink_state(sink.name)
 
 
 class Target:

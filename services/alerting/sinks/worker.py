@@ -21,7 +21,9 @@ from shared import metrics
 from shared.config import Config
 from shared.config_sinks import Sink
 from shared.messages import Alert, DecodeError
-from shared.streams import DeadLetters, Entry, GroupReader, Outbox, REDIS_DOWN
+from shared.streams.connection import REDIS_DOWN
+from shared.streams.outbox import Outbox
+from shared.streams.reader import DeadLetters, Entry, GroupReader
 
 from services.alerting.sinks.base import Context, Delivery, Target, TokenBucket
 from services.alerting.sinks.registry import make_target

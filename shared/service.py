@@ -1,178 +1,45 @@
-"""The one service loop: signals, two-stage shutdown, Redis reconnects, /metrics, /healthz, /readyz.
+"""The one service loop: signals, two-stage shutdown, Redis reconnects, heartbeats, stream gauges.
 
 A service subclasses ``Service`` and implements ``setup`` (connect-time work such as creating
 groups, re-run after every reconnect) and ``step`` (one bounded unit of work). The first SIGTERM
 or SIGINT stops taking new work and lets the step in hand finish (bounded by ``drain_s``); a
-second signal exits at once.
+second signal exits at once. Its HTTP endpoints (/metrics, /healthz, /readyz and its own pages)
+are served by ``shared.endpoints``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import random
 import signal
-import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-from urllib.parse import parse_qs, urlsplit
+from http.server import ThreadingHTTPServer
 
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+try:
+    from setproctitle import setproctitle
+except ImportError:  # optional nicety: the process keeps the interpreter's name
+    setproctitle = None
 
 from shared import metrics
 from shared.config import Config
-from shared.streams import REDIS_DOWN, Names, connect, publish_stream_metrics
-
-log = logging.getLogger("plantsight")
-
-
-def libc() -> ctypes.CDLL | None:
-    """glibc, for the heap settings below; None elsewhere (musl, macOS)."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None: gives freed heap pages back to the system."""
-    return getattr(libc(), "malloc_trim", None)
-
-
-MALLOC_TRIM = _malloc_trim()
-TRIM_EVERY_S = 30.0
-
-
-def keep_tensor_heap() -> bool:
-    """glibc heap settings for a process that runs a network on the CPU (infer); False where not glibc.
-
-    The services' environment fixes the mmap threshold at 1 MiB (``MALLOC_MMAP_THRESHOLD_``), so each
-    activation tensor of a batch was a fresh mmap whose pages faulted in again on every batch: 37,000
-    page faults and ~130 ms of system time per resnet18 batch of 8 on a two-core box, a third of the
-    model's time. Here large blocks come from the heap and stay there between batches; the service loop's
-    ``malloc_trim`` every ``TRIM_EVERY_S`` still hands idle pages back, so the RSS stays flat.
-    """
-    c = libc()
-    if c is None:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(c.mallopt(m_mmap_max, 0)) and bool(c.mallopt(m_trim_threshold, 512 << 20))
-
-
-def setup_logging(level: str = "INFO", service: str = "plantsight") -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s {service}[%(process)d] %(name)s: %(message)s")
-
-
-@dataclass
-class HttpRequest:
-    """One HTTP request as a service's `handle_http` sees it."""
-
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: Mapping[str, str]
-    body: bytes = b""
-
-
-@dataclass
-class HttpResponse:
-    """A reply; ``body`` may be an iterator of chunks (a live stream, ended when the client goes)."""
-
-    code: int = 200
-    body: bytes | Iterable[bytes] = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-MAX_REQUEST_BYTES = 1 << 20
-
-
-class _Handler(BaseHTTPRequestHandler):
-    service: "Service"
-    protocol_version = "HTTP/1.1"
-
-    def _builtin(self, path: str) -> HttpResponse | None:
-        if path == "/metrics":
-            return HttpResponse(200, generate_latest(), CONTENT_TYPE_LATEST)
-        if path == "/healthz":
-            ok = self.service.healthy()
-            return HttpResponse(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
-        if path == "/readyz":
-            ok = self.service.ready()
-            return HttpResponse(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-        return None
-
-    def _serve(self, method: str) -> None:
-        url = urlsplit(self.path)
-        resp = self._builtin(url.path) if method == "GET" else None
-        if resp is None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_REQUEST_BYTES:
-                resp = HttpResponse(413, b"request body too large\n")
-            else:
-                req = HttpRequest(method, url.path, parse_qs(url.query), self.headers,
-                                  self.rfile.read(length) if length else b"")
-                try:
-                    resp = self.service.handle_http(req) or HttpResponse(404, b"not found\n")
-                except Exception:  # a bug in one page must not take the service down
-                    self.service.log.exception("HTTP %s %s failed", method, url.path)
-                    resp = HttpResponse(500, b"internal error\n")
-        self.send_response(resp.code)
-        self.send_header("Content-Type", resp.content_type)
-        for k, v in resp.headers.items():
-            self.send_header(k, v)
-        if isinstance(resp.body, (bytes, bytearray)):
-            self.send_header("Content-Length", str(len(resp.body)))
-            self.end_headers()
-            if method != "HEAD":
-                self.wfile.write(resp.body)
-            return
-        self.send_header("Connection", "close")  # a stream ends when either side closes
-        self.close_connection = True
-        self.end_headers()
-        if method == "HEAD":
-            return
-        try:
-            for chunk in resp.body:
-                self.wfile.write(chunk)
-                self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the viewer closed the tab
-        finally:
-            close = getattr(resp.body, "close", None)
-            if close:
-                close()
-
-    def do_GET(self):  # noqa: N802 (http.server API)
-        self._serve("GET")
-
-    def do_HEAD(self):  # noqa: N802
-        self._serve("HEAD")
-
-    def do_POST(self):  # noqa: N802
-        self._serve("POST")
-
-    def log_message(self, fmt, *args):  # scrapes every few seconds would flood the log
-        pass
-
-
-def services_key(prefix: str) -> str:
-    return f"{prefix}:services"
+from shared.endpoints import HttpRequest, HttpResponse, serve
+from shared.heap import MALLOC_TRIM, TRIM_EVERY_S
+from shared.keys import Keys
+from shared.streams.connection import REDIS_DOWN, connect
+from shared.streams.stats import publish_stream_metrics
 
 
 def service_heartbeats(r: redis.Redis, prefix: str, stale_s: float = 15.0) -> list[dict]:
     """Every process's last heartbeat, newest state first; ``up`` is false when it is older than `stale_s`
     (entries of processes silent for an hour are removed)."""
+    key = Keys(prefix).services
     now, out, gone = time.time(), [], []
-    for field_, raw in r.hgetall(services_key(prefix)).items():
+    for field_, raw in r.hgetall(key).items():
         try:
             beat = json.loads(raw)
         except ValueError:
@@ -185,7 +52,7 @@ def service_heartbeats(r: redis.Redis, prefix: str, stale_s: float = 15.0) -> li
         beat.update(id=field_.decode(), age_s=round(age, 1), up=age <= stale_s)
         out.append(beat)
     if gone:
-        r.hdel(services_key(prefix), *gone)
+        r.hdel(key, *gone)
     return sorted(out, key=lambda b: (b["service"], b["replica"], b["id"]))
 
 
@@ -201,7 +68,7 @@ class Service:
         self.replica = replica
         self.port = cfg.port(self.name) if port is None else port
         self.consumer = f"{self.name}-{os.uname().nodename}-{os.getpid()}"
-        self.names = Names.for_config(cfg)
+        self.names = Keys.for_config(cfg)
         self.stop = threading.Event()
         self.log = logging.getLogger(f"plantsight.{self.name}")
         self.r = connect(cfg.redis)
@@ -241,7 +108,7 @@ class Service:
     def heartbeat(self) -> None:
         """``{P}:services`` holds each running process's last word, so anyone (the viewer, an operator
         with redis-cli) sees every replica on every host without knowing where it runs."""
-        self.r.hset(services_key(self.names.prefix), self.consumer, json.dumps({
+        self.r.hset(self.names.services, self.consumer, json.dumps({
             "service": self.name, "replica": self.replica, "host": os.uname().nodename, "pid": os.getpid(),
             "port": self.port, "ready": self.ready(), "healthy": self.healthy(), "ts": time.time()}))
 
@@ -262,10 +129,7 @@ class Service:
         os._exit(1)
 
     def start_http(self) -> None:
-        handler = type("Handler", (_Handler,), {"service": self})
-        self.http = ThreadingHTTPServer(("0.0.0.0", self.port), handler)
-        self.http.daemon_threads = True
-        threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
+        self.http = serve(self, self.port)
 
     def _connect(self) -> None:
         self.r.ping()
@@ -274,12 +138,8 @@ class Service:
         metrics.REDIS_UP.labels(service=self.name).set(1)
 
     def run(self) -> int:
-        try:
-            from setproctitle import setproctitle
-
+        if setproctitle is not None:
             setproctitle(f"plantsight {self.name}")
-        except ImportError:  # optional nicety
-            log.debug("setproctitle not installed")
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.start_http()
@@ -322,7 +182,7 @@ class Service:
                 delay = min(delay * 2, 10.0)
         self.close()
         try:
-            self.r.hdel(services_key(self.names.prefix), self.consumer)  # a clean stop is not a failure
+            self.r.hdel(self.names.services, self.consumer)  # a clean stop is not a failure
         except (*REDIS_DOWN, redis.RedisError):
             pass
         if self.http:
