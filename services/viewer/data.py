@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from shared.acks import acknowledgements
 from shared.config import Config
 from shared.imaging import decode_frame
 from shared.keys import Keys
@@ -28,8 +29,6 @@ from shared.messages import Alert, DecodeError, Frame, Result
 from shared.rules import fields_of
 from shared.service import service_heartbeats
 from shared.streams.stats import stream_stats
-
-from shared.acks import acknowledgements
 
 SCAN_FRAMES = 400  # newest frame entries looked at for the latest frame of each camera
 SCAN_RESULTS = 1000  # newest result entries looked at for the latest results of each camera
@@ -114,7 +113,8 @@ class ViewerData:
                 "id": cam.id, "tasks": list(cam.tasks), "fps": st.get("fps", 0.0),
                 "up": bool(st.get("up")) and now - last < max(5.0, 3.0 / max(cam.fps, 0.1)),
                 "last_frame_age_s": round(now - last, 1) if last else None,
-                "error": st.get("error", ""), "frozen": bool(st.get("frozen_since")), "black": bool(st.get("black_since")),
+                "error": st.get("error", ""), "frozen": bool(st.get("frozen_since")),
+                "black": bool(st.get("black_since")),
                 "zones": self.zones(cam.id),
                 "latest": {task: summary(task, r["out"]) | {"seq": r["seq"], "ts": r["ts"], "model": r["model"]}
                            for task, r in res.items()},

@@ -26,15 +26,14 @@ from urllib.parse import parse_qs, quote
 import cv2
 import redis
 
+from services.viewer.auth import LOGOUT_COOKIE, OPERATOR, Tokens
+from services.viewer.data import ViewerData, valid_alert_id
+from shared.acks import UnknownAlert, acknowledge
 from shared.endpoints import HttpRequest, HttpResponse
 from shared.messages import DecodeError
 from shared.overlay import draw, encode_jpeg
 from shared.service import Service
 from shared.streams.connection import REDIS_DOWN
-
-from shared.acks import UnknownAlert, acknowledge
-from services.viewer.auth import LOGOUT_COOKIE, OPERATOR, Tokens
-from services.viewer.data import ViewerData, valid_alert_id
 
 STATIC = Path(__file__).with_name("static")
 # page name (the one app.js dispatches on) → (the page's <main> in static/, its title); one layout for all
