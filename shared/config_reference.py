@@ -4,7 +4,7 @@ The reference is generated rather than written so that it cannot drift from the 
 type, default, constraint and description comes from the pydantic models themselves, and a unit test
 compares docs/configuration.md with ``render()``. Regenerate it with::
 
-    python -m shared.config_reference > docs/configuration.md
+    plantsight config reference > docs/configuration.md      # or: python -m shared.config_reference
 
 The walk is generic over pydantic v2 models: nested models, lists and dicts of models, Enums,
 ``Literal``, optional values, ``Field`` defaults and default factories, ``gt``/``ge``/``lt``/``le``,
@@ -35,8 +35,9 @@ from shared.config import ENV_PREFIX, Config
 __all__ = ["render"]
 
 HEADER = f"""\
-<!-- Generated from the schema in shared/config.py by `python -m shared.config_reference`.
-     Edit the schema (its Field descriptions), then regenerate this file; a unit test compares them. -->
+<!-- Generated from the schema in shared/config.py: `plantsight config reference > docs/configuration.md`
+     (or `python -m shared.config_reference`). Edit the schema's Field descriptions, not this file;
+     a unit test compares the two. -->
 
 # Configuration reference
 
