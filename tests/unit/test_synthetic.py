@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from shared.data.scenes import (EPISODE_BLOCK, SCENE_TYPES, SCENES, Scene, make_scene, scene_from_source)
+from shared.data.scenes import EPISODE_BLOCK, SCENE_TYPES, SCENES, Scene, make_scene, scene_from_source
 
 SHAPES = {"process": ((240, 320, 3), np.uint8), "equipment": ((448, 448, 3), np.uint8),
           "surface": ((256, 256, 3), np.uint8), "thermal": ((120, 160, 1), np.uint16)}
