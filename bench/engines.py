@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     keep_tensor_heap()  # the heap infer runs with
     device = pick_device(args.device)
     cuda = device.startswith("cuda")
-    variants = {name: CUDA_VARIANTS.get(name, {"engine": name, "amp": "off"}) if cuda else {"engine": name, "amp": "off"}
+    variants = {name: CUDA_VARIANTS.get(name, {"engine": name, "amp": "off"}) if cuda
+                else {"engine": name, "amp": "off"}
                 for name in args.engines or (CUDA_VARIANTS if cuda else ENGINES)}
     auto = EngineOptions().resolved(torch.device(device))
     auto_name = next((n for n, v in variants.items()

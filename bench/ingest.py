@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"ingest: {args.cameras} camera(s) {args.width}x{args.height} JPEG at {args.camera_fps:g} fps, read by "
         f"{group} at {args.rate:g} frames/s in batches of {args.batch}")
     log = open(work / "ingest.log", "wb+")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "ingest", "--config", str(work / "bench.yaml")],
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "ingest", "--config",
+                             str(work / "bench.yaml")],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -106,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                  for k, v in r.info("commandstats").items() if k != "cmdstat_config|resetstat"}
         out = {"mode": "ingest", "cameras": args.cameras, "camera_fps": args.camera_fps, "replay": args.replay,
                "rate": args.rate,
-               "batch": args.batch, "queue": args.queue, "frame": [args.height, args.width], "read_from": args.read_from,
-               "reader": {"group": group, "writes": progress}, "frames_read": n, "seconds": round(span, 1), "fps": round(n / span, 1),
+               "batch": args.batch, "queue": args.queue, "frame": [args.height, args.width],
+               "read_from": args.read_from, "reader": {"group": group, "writes": progress}, "frames_read": n,
+               "seconds": round(span, 1), "fps": round(n / span, 1),
                "ingest_cpu_ms_per_frame": round(cpu / max(n, 1) * 1000, 3),
                "redis_cpu_ms_per_frame": round(rcpu / max(n, 1) * 1000, 3),
                "redis_calls_per_frame": dict(sorted(calls.items(), key=lambda kv: -kv[1])),

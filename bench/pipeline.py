@@ -12,9 +12,9 @@ decode + resize. The same process runs the bare model the way infer loads it (sa
 input size and engine; on the CPU as many predictors at once as infer runs replicas, each with a
 replica's torch threads) for ``--model-seconds``, half just before the pipeline starts and half just
 after it stops; the ratio is against the mean of the two. When that is not the plain arrangement (one
-predictor on torch's default threads), the plain one is measured too (``plain_bare_model``). Prints one JSON object; progress goes to
-stderr. ``--rate`` caps the cameras' total frames per second (half the saturating rate gives the
-latency target's load).
+predictor on torch's default threads), the plain one is measured too (``plain_bare_model``). Prints one
+JSON object; progress goes to stderr. ``--rate`` caps the cameras' total frames per second (half the
+saturating rate gives the latency target's load).
 
 The cameras replay ``--replay`` pre-rendered JPEG frames (``synthetic://…&replay=N``): a real camera
 hands ingest encoded bytes, so the scene renderer's CPU (about 20 ms a frame) is not the pipeline's
@@ -41,10 +41,9 @@ import msgpack
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common import PrivateRedis, cpu_seconds, free_port, machine, percentile, rank, say, versions
 from shared.keys import Keys
 from shared.names import PIPELINE
-
-from bench.common import PrivateRedis, cpu_seconds, free_port, machine, percentile, rank, say, versions
 
 SCENES = {"classify": "process", "detect": "equipment", "segment": "surface"}
 
@@ -298,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=int, default=50, help="pre-rendered frames each camera sends in a loop")
     ap.add_argument("--render", action="store_true", help="render and encode every frame in ingest instead")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, help="infer's torch threads (default: torch's, or the cores shared out among "
+    ap.add_argument("--threads", type=int,
+                    help="infer's torch threads (default: torch's, or the cores shared out among "
                                                   "--infer replicas on the CPU); the bare model gets the same")
     ap.add_argument("--bare-workers", type=int, help="predictors the bare model runs at once (default: --infer on "
                                                        "the CPU, 1 on CUDA)")
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"mode": "pipeline", "task": args.task, "arch": args.arch, "model": args.model, "batch": args.batch,
            "max_wait_ms": args.max_wait_ms, "cameras": args.cameras, "frame": [args.height, args.width],
            "rate": args.rate, "decode": args.decode, "read_from": args.read_from, "infer_threads": args.threads,
-           "source": "render" if args.render else f"replay {args.replay}", "ingest_replicas": args.ingest, "infer_replicas": args.infer,
+           "source": "render" if args.render else f"replay {args.replay}",
+           "ingest_replicas": args.ingest, "infer_replicas": args.infer,
            "preprocess_replicas": 0 if args.read_from == "frames" else args.preprocess, **start}
     from bench.engines import bare_model, measure
     from services.inference.loading import torch_threads

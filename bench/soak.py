@@ -28,9 +28,8 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.names import PIPELINE
-
 from bench.common import PrivateRedis, free_port
+from shared.names import PIPELINE
 
 SAMPLE_S = 10.0
 SCENES = {"classify": "process", "detect": "equipment", "segment": "surface", "thermal": "thermal"}

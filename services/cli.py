@@ -263,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
                      help="wait this long for infer to report the switch (or the refusal)")
     dep.set_defaults(fn=cmd_models_deploy)
 
-    be = sub.add_parser("bench", help="benchmarks: pipeline, transport, ingest, engines, soak, quality (JSON on stdout)",
+    be = sub.add_parser("bench",
+                        help="benchmarks: pipeline, transport, ingest, engines, soak, quality (JSON on stdout)",
                         add_help=False)
     be.add_argument("bench_args", nargs=argparse.REMAINDER)
     be.set_defaults(fn=cmd_bench)

@@ -267,7 +267,8 @@ def up(cfg: Config, run_args: list[str], seconds: float | None, redis_url: str |
     try:
         connect(cfg.redis).ping()
         say(f"using Redis at {cfg.redis.masked_url()}")
-    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:  # before ConnectionError: a subclass of it
+    except (redis.AuthenticationError,
+            redis.exceptions.AuthorizationError) as e:  # before ConnectionError: a subclass of it
         raise SystemExit(f"plantsight up: Redis at {cfg.redis.masked_url()} refused the credentials ({e}); "
                          "check redis.password_env / password_file") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError):

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import (Field, SecretStr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from shared.config_base import ConfigError, Strict
 from shared.config_sinks import SINK_KINDS, Sink
@@ -145,7 +144,8 @@ class InferenceConfig(Strict):
     # How the network runs (services/inference/engine.py; defaults measured by `plantsight bench`).
     engine: Literal["auto", "eager", "torchscript", "onnx", "int8"] = Field(
         "auto", description="auto: frozen TorchScript trace on CPU, eager on CUDA")
-    amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto", description="autocast dtype; auto: fp16 on CUDA, off on CPU")
+    amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto",
+                                                        description="autocast dtype; auto: fp16 on CUDA, off on CPU")
     channels_last: bool | None = Field(None, description="NHWC memory layout for convolutions (null: on CUDA only)")
     compile: bool = Field(False, description="torch.compile the eager network (needs a C compiler on CPU)")
     cuda_graphs: bool = Field(False, description="CUDA only: replay a captured graph per batch size")
@@ -165,7 +165,7 @@ Param = float | str
 
 
 class Rule(Strict):
-    """One alert rule (README "Alert rules" has the table of fields and an example per task)."""
+    """One alert rule (docs/alerts.md has the table of fields and an example per task)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     task: Task
@@ -226,7 +226,8 @@ class Rule(Strict):
 
 
 class AlertsConfig(Strict):
-    camera_offline_s: float = Field(60.0, ge=0, description="built-in camera-offline alert after this long without frames (0: off)")
+    camera_offline_s: float = Field(60.0, ge=0,
+                                    description="built-in camera-offline alert after this long without frames (0: off)")
     camera_offline_sinks: list[str] = Field(default_factory=list, description="sinks of every pipeline-health alert")
     consumer_lag_max: int = Field(5000, ge=0, description="consumer-lag alert when a group lags more entries (0: off)")
     consumer_lag_for_s: float = Field(30.0, ge=0, description="… for this long")

@@ -16,7 +16,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 FRAMES = Counter("plantsight_frames", "Frames handled by a stage (ingest: captured; later stages: processed)",
                  ["camera", "stage"])
-DROPPED = Counter("plantsight_frames_dropped", "Frames not processed, by stage and reason", ["camera", "stage", "reason"])
+DROPPED = Counter("plantsight_frames_dropped", "Frames not processed, by stage and reason", ["camera", "stage",
+                                                                                             "reason"])
 STREAM_LENGTH = Gauge("plantsight_stream_length", "Entries in a Redis stream", ["stream"])
 CONSUMER_LAG = Gauge("plantsight_consumer_lag", "Entries not yet delivered to a consumer group", ["stream", "group"])
 CONSUMER_PENDING = Gauge("plantsight_consumer_pending", "Entries delivered but not acknowledged", ["stream", "group"])

@@ -1,9 +1,9 @@
 """Draw a frame's results over the frame: the one overlay of alert evidence and the viewer.
 
-Everything is drawn in original frame pixels, as the Result ``out`` dicts carry them (README
-"Wire format"): classify ``label``/``probs`` as a caption; detect ``boxes`` as outlined boxes
-with class and score; segment ``mask`` (PNG bytes, 255 = defect) as a translucent fill with its
-outline; thermal ``hotspots`` as markers with their temperature and the frame's max/avg/min.
+Everything is drawn in original frame pixels, as the Result ``out`` dicts carry them (docs/wire-format.md):
+classify ``label``/``probs`` as a caption; detect ``boxes`` as outlined boxes with class and score;
+segment ``mask`` (PNG bytes, 255 = defect) as a translucent fill with its outline; thermal ``hotspots`` as
+markers with their temperature and the frame's max/avg/min.
 Thermal frames (one channel: uint16 centikelvin, or uint8 grey) are shown through the INFERNO
 colour map; zones are outlined, the alert's own zone thicker; a Grad-CAM map is blended first
 with ``shared.models.gradcam.overlay`` so the drawings stay legible on top of it.

@@ -68,7 +68,7 @@ class Service:
         self.replica = replica
         self.port = cfg.port(self.name) if port is None else port
         self.consumer = f"{self.name}-{os.uname().nodename}-{os.getpid()}"
-        self.names = Keys.for_config(cfg)
+        self.keys = Keys.for_config(cfg)
         self.stop = threading.Event()
         self.log = logging.getLogger(f"plantsight.{self.name}")
         self.r = connect(cfg.redis)
@@ -108,7 +108,7 @@ class Service:
     def heartbeat(self) -> None:
         """``{P}:services`` holds each running process's last word, so anyone (the viewer, an operator
         with redis-cli) sees every replica on every host without knowing where it runs."""
-        self.r.hset(self.names.services, self.consumer, json.dumps({
+        self.r.hset(self.keys.services, self.consumer, json.dumps({
             "service": self.name, "replica": self.replica, "host": os.uname().nodename, "pid": os.getpid(),
             "port": self.port, "ready": self.ready(), "healthy": self.healthy(), "ts": time.time()}))
 
@@ -155,7 +155,7 @@ class Service:
                 self.step()
                 if time.monotonic() >= self._next_stats:
                     self._next_stats = time.monotonic() + self.stats_every_s
-                    publish_stream_metrics(self.r, self.names, self.cfg, self.streams())
+                    publish_stream_metrics(self.r, self.keys, self.cfg, self.streams())
                     self.heartbeat()
                 if MALLOC_TRIM and time.monotonic() >= self._next_trim:
                     # Batches of changing sizes leave freed pages in malloc arenas; hand them back
@@ -182,7 +182,7 @@ class Service:
                 delay = min(delay * 2, 10.0)
         self.close()
         try:
-            self.r.hdel(self.names.services, self.consumer)  # a clean stop is not a failure
+            self.r.hdel(self.keys.services, self.consumer)  # a clean stop is not a failure
         except (*REDIS_DOWN, redis.RedisError):
             pass
         if self.http:

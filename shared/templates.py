@@ -55,7 +55,7 @@ class TemplateError(ValueError):
 
 
 def context(alert: Alert, links: dict[str, str | None], sink: str) -> dict:
-    """The variables a template sees (documented in the README's Sinks section)."""
+    """The variables a template sees (documented in docs/alerts.md, "Sinks")."""
     return {"alert": alert_json(alert), "episode": episode_of(alert), "time": iso_time(alert.ts),
             "snapshot_url": links.get("snapshot"), "alert_url": links.get("page"), "sink": sink}
 

@@ -1,6 +1,6 @@
 """Evidence for a firing alert: the picture that proves it, a clip around it, and the facts to trust it.
 
-Written before the alert goes on ``{P}:alerts`` (issue 6 §3), in ``<alerts.evidence_dir>/<alert id>/``:
+Written before the alert goes on ``{P}:alerts``, in ``<alerts.evidence_dir>/<alert id>/``:
 
 - ``snapshot.jpg``: the alert's frame from ``{P}:frames`` with ``shared.overlay.draw`` of the result,
   the alert's zone outlined and, for the classifier, its Grad-CAM map;
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from services.alerting.clip import CLIP, CLIP_TMP, Clip
 from shared.config import Config
 from shared.imaging import decode_frame, stretch
 from shared.keys import Keys
@@ -38,8 +39,6 @@ from shared.messages import Alert, DecodeError, Frame, Result
 from shared.overlay import draw, encode_jpeg
 from shared.streams.connection import REDIS_DOWN
 from shared.streams.groups import parse_id
-
-from services.alerting.clip import CLIP, CLIP_TMP, Clip
 
 log = logging.getLogger("plantsight.evidence")
 
@@ -90,7 +89,7 @@ class EvidenceStore:
 
     def __init__(self, cfg: Config, r: redis.Redis):
         self.cfg, self.r = cfg, r
-        self.names = Keys.for_config(cfg)
+        self.keys = Keys.for_config(cfg)
         self.root = Path(cfg.alerts.evidence_dir)
         self.config_hash = config_sha256(cfg)
         self._clips: dict[str, tuple[Clip, dict]] = {}
@@ -162,15 +161,15 @@ class EvidenceStore:
         """(entry id, pixels) of the frame to show: the alert's frame, or for health alerts the camera's latest."""
         try:
             if alert.frame_id:
-                entries = self.r.xrange(self.names.frames, alert.frame_id, alert.frame_id, count=1)
+                entries = self.r.xrange(self.keys.frames, alert.frame_id, alert.frame_id, count=1)
                 if not entries:
-                    facts["missing"].append(f"frame {alert.frame_id} is no longer in {self.names.frames}")
+                    facts["missing"].append(f"frame {alert.frame_id} is no longer in {self.keys.frames}")
                     return None, None
                 entry_id, fields = entries[0]
             elif result is None:
                 found = self._latest_frame(alert.camera)
                 if found is None:
-                    facts["missing"].append(f"no frame of camera {alert.camera} in {self.names.frames}")
+                    facts["missing"].append(f"no frame of camera {alert.camera} in {self.keys.frames}")
                     return None, None
                 entry_id, fields = found
                 facts["notes"].append(f"snapshot: the latest frame of camera {alert.camera} ({_s(entry_id)})")
@@ -191,7 +190,7 @@ class EvidenceStore:
             return None
         cam, upper, seen = camera.encode(), "+", 0
         while seen < LATEST_SCAN:
-            page = self.r.xrevrange(self.names.frames, upper, "-", count=PAGE)
+            page = self.r.xrevrange(self.keys.frames, upper, "-", count=PAGE)
             for entry_id, fields in page:
                 if fields.get(b"cam") == cam:
                     return entry_id, fields
@@ -315,7 +314,7 @@ class EvidenceStore:
 
     def _advance(self, alert_id: str) -> bool:
         clip, facts = self._clips[alert_id]
-        if not clip.advance(self.r, self.names.frames, self._decode):
+        if not clip.advance(self.r, self.keys.frames, self._decode):
             return False
         del self._clips[alert_id]
         state = "done" if clip.ids else "none"
@@ -325,7 +324,7 @@ class EvidenceStore:
             state = "none"
             facts["missing"].append(f"{CLIP}: {e}")
         if not clip.ids:
-            facts["missing"].append(f"{CLIP}: no frame of camera {clip.camera} left in {self.names.frames} "
+            facts["missing"].append(f"{CLIP}: no frame of camera {clip.camera} left in {self.keys.frames} "
                                     f"between {clip.start_ms} and {clip.end_ms} ms")
         facts["clip"] = clip.facts(state)
         facts["frame_ids"]["clip"] = list(clip.ids)

@@ -14,12 +14,11 @@ import time
 
 import redis
 
+from services.alerting.state import FIRE, RESOLVE, EpisodeStore, Lifecycle, advance
 from shared.config import Config
 from shared.keys import Keys
 from shared.messages import Alert
 from shared.streams.groups import group_position
-
-from services.alerting.state import FIRE, RESOLVE, EpisodeStore, Lifecycle, advance
 
 OFFLINE, FROZEN, BLACK = "camera-offline", "camera-frozen", "camera-black"
 LAG, DEADLETTERS = "consumer-lag", "deadletter-growing"
@@ -31,8 +30,8 @@ COUNT_CAP = 100000
 
 
 class CameraHealth:
-    def __init__(self, cfg: Config, names: Keys, store: EpisodeStore):
-        self.cfg, self.names, self.store = cfg, names, store
+    def __init__(self, cfg: Config, keys: Keys, store: EpisodeStore):
+        self.cfg, self.keys, self.store = cfg, keys, store
         self.cameras = {c.id: c for c in cfg.cameras}
         self.started = time.time()  # a camera never seen gets its full grace from here
         self.next_check = 0.0
@@ -74,7 +73,7 @@ class CameraHealth:
 
     def cameras_check(self, r: redis.Redis, now: float) -> list[Alert]:
         out: list[Alert] = []
-        statuses = {k.decode(): json.loads(v) for k, v in r.hgetall(self.names.cameras).items()}
+        statuses = {k.decode(): json.loads(v) for k, v in r.hgetall(self.keys.cameras).items()}
         for cam in self.cameras.values():
             status = statuses.get(cam.id, {})
             limit = self.cfg.alerts.camera_offline_s
@@ -97,8 +96,8 @@ class CameraHealth:
 
     def groups(self) -> list[tuple[str, str]]:
         """(stream, group) of every consumer group of the pipeline, the sinks' included."""
-        pairs = [(s, g) for s, g in self.names.all(self.cfg.tasks()) if g]
-        return pairs + [(self.names.alerts, f"sink-{s.name}") for s in self.cfg.alerts.sinks]
+        pairs = [(s, g) for s, g in self.keys.all(self.cfg.tasks()) if g]
+        return pairs + [(self.keys.alerts, f"sink-{s.name}") for s in self.cfg.alerts.sinks]
 
     def lag_check(self, r: redis.Redis) -> list[Alert]:
         bound = self.cfg.alerts.consumer_lag_max
@@ -120,9 +119,9 @@ class CameraHealth:
         if not bound:
             return []
         since_ms = int((now - window) * 1000)
-        new = len(r.xrange(self.names.deadletter, min=f"{since_ms}-0", max="+", count=COUNT_CAP))
+        new = len(r.xrange(self.keys.deadletter, min=f"{since_ms}-0", max="+", count=COUNT_CAP))
         hit = new >= bound
-        msg = (f"{new} new dead letters in {self.names.deadletter} in the last {window:g} s" if hit
+        msg = (f"{new} new dead letters in {self.keys.deadletter} in the last {window:g} s" if hit
                else f"no more than {bound - 1} new dead letters in the last {window:g} s")
         return self._observe(DEADLETTERS, PIPELINE, hit, new, bound, msg,
-                             labels={"stream": self.names.deadletter})
+                             labels={"stream": self.keys.deadletter})

@@ -25,24 +25,22 @@ import time
 import cv2
 import numpy as np
 
-from shared import metrics
+from services.alerting.evidence import EvidenceStore
+from services.alerting.health import HEALTH_RULES, CameraHealth
+from services.alerting.sinks import SinkWorker
+from services.alerting.state import FIRE, REPEAT, RESOLVE, EpisodeStore, Lifecycle, advance, repeated
+from shared import acks, metrics
 from shared.config import Rule
 from shared.endpoints import HttpRequest, HttpResponse
 from shared.imaging import decode_frame
 from shared.keys import Keys
 from shared.messages import Alert, DecodeError, Frame, Result
-from shared.secret import SecretError, secret_from_environ
 from shared.rules import RiseWindow, Zone, compile_condition, fields_of, threshold_of, value_of
+from shared.secret import SecretError, secret_from_environ
 from shared.service import Service
 from shared.streams.outbox import Outbox
 from shared.streams.producer import Producer
 from shared.streams.reader import DeadLetters, GroupReader
-
-from shared import acks
-from services.alerting.evidence import EvidenceStore
-from services.alerting.health import HEALTH_RULES, CameraHealth
-from services.alerting.sinks import SinkWorker
-from services.alerting.state import FIRE, REPEAT, RESOLVE, EpisodeStore, Lifecycle, advance, repeated
 
 log = logging.getLogger("plantsight.alert")
 
@@ -82,11 +80,11 @@ class AlertService(Service):
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
         s = cfg.streams
-        self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
-        self.reader = GroupReader(self.r, self.names.results, Keys.ALERT, self.consumer, dead=self.dead,
+        self.dead = DeadLetters(self.r, self.keys, s.deadletter_max_age_s, STAGE)
+        self.reader = GroupReader(self.r, self.keys.results, Keys.ALERT, self.consumer, dead=self.dead,
                                   count=64, block_ms=s.read_block_ms, claim_idle_ms=s.claim_idle_ms,
                                   max_deliveries=s.max_deliveries, max_bytes=s.max_message_bytes)
-        self.alerts = Producer(self.r, self.names.alerts, max_age_s=s.alerts_max_age_s)
+        self.alerts = Producer(self.r, self.keys.alerts, max_age_s=s.alerts_max_age_s)
         cams = {c.id: c for c in cfg.cameras}
         self.rules = []
         for rule in cfg.alerts.rules:
@@ -95,8 +93,8 @@ class AlertService(Service):
             self.rules.append(CompiledRule(rule, cfg.rule_cameras(rule), zones))
         self.rise_keep_s = max([c.rule.window_s for c in self.rules if c.reads_rise], default=0.0)
         self.rises: dict[tuple[str, str], RiseWindow] = {}
-        self.state = EpisodeStore(self.r, self.names.alert_state)
-        self.health = CameraHealth(cfg, self.names, self.state)
+        self.state = EpisodeStore(self.r, self.keys.alert_state)
+        self.health = CameraHealth(cfg, self.keys, self.state)
         self.sinks = [SinkWorker(cfg, sink, self.sink_reader(sink.name), self.dead, self.stop)
                       for sink in cfg.alerts.sinks]
         self.evidence = EvidenceStore(cfg, self.r)
@@ -110,7 +108,7 @@ class AlertService(Service):
 
     def sink_reader(self, name: str) -> GroupReader:
         s = self.cfg.streams
-        return GroupReader(self.r, self.names.alerts, f"sink-{name}", self.consumer, dead=self.dead, count=16,
+        return GroupReader(self.r, self.keys.alerts, f"sink-{name}", self.consumer, dead=self.dead, count=16,
                            block_ms=500, claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries,
                            max_bytes=s.max_message_bytes)
 
@@ -123,7 +121,7 @@ class AlertService(Service):
                 w.start()
 
     def streams(self) -> set[str]:
-        return {self.names.results, self.names.alerts, self.names.deadletter}
+        return {self.keys.results, self.keys.alerts, self.keys.deadletter}
 
     def step(self) -> None:
         entries = self.reader.read()
@@ -134,7 +132,7 @@ class AlertService(Service):
             try:
                 result = Result.from_msgpack(entry.payload, self.cfg.streams.max_message_bytes)
             except DecodeError as e:
-                self.dead.add(box, self.names.results, entry, "decode_error", str(e))
+                self.dead.add(box, self.keys.results, entry, "decode_error", str(e))
                 continue
             for alert in self.evaluate(result):
                 self.write_alert(box, alert, result)
@@ -178,7 +176,7 @@ class AlertService(Service):
     def frame_kelvin(self, result: Result) -> np.ndarray | None:
         """The result's radiometric frame in kelvin, while it is still in ``{P}:frames``; else None."""
         try:
-            entries = self.r.xrange(self.names.frames, min=result.frame_id, max=result.frame_id, count=1)
+            entries = self.r.xrange(self.keys.frames, min=result.frame_id, max=result.frame_id, count=1)
             if not entries:
                 return None
             frame = Frame.from_msgpack(entries[0][1][b"m"], self.cfg.streams.max_message_bytes)
@@ -256,7 +254,7 @@ class AlertService(Service):
 
     def acknowledged(self, *alert_ids: str) -> bool:
         ids = [i for i in alert_ids if i]
-        return bool(ids) and any(self.r.hmget(self.names.alert_acks, ids))
+        return bool(ids) and any(self.r.hmget(self.keys.alert_acks, ids))
 
     def alert(self, c: CompiledRule, result: Result, fields: dict, params: dict, state: str, alert_id: str,
               episode: str, repeat: int = 0) -> Alert:
@@ -296,9 +294,9 @@ class AlertService(Service):
             return _json(400, {"error": "the body must be a JSON object like {\"by\": \"name\", \"note\": \"...\"}"})
         by, note = str(body.get("by") or "operator")[:100], str(body.get("note") or "")[:1000]
         try:
-            record = acks.acknowledge(self.r, self.names.prefix, m.group(1), by, note)
+            record = acks.acknowledge(self.r, self.keys.prefix, m.group(1), by, note)
         except acks.UnknownAlert:
-            return _json(404, {"error": f"no alert {m.group(1)} on {self.names.alerts}"})
+            return _json(404, {"error": f"no alert {m.group(1)} on {self.keys.alerts}"})
         self.log.info("alert %s acknowledged by %s", m.group(1), record["by"])
         return _json(200, {"id": m.group(1), **record})
 

@@ -7,8 +7,9 @@ than eager. ``int8`` (dynamic INT8 linear layers in the same trace) is faster st
 weights sit mostly in linear layers, at the cost of outputs close to eager's rather than equal; ``onnx``
 runs through ONNX Runtime. ``plantsight bench engines`` measures them on the machine at hand and
 docs/performance.md has the figures. On CUDA the default is eager with fp16 autocast and channels-last.
-Every engine is checked against the eager network on a random batch when it is built; one that fails to build or differs beyond tolerance falls
-back to eager with a warning naming the reason, so an option never stops a service that eager could run.
+Every engine is checked against the eager network on a random batch when it is built; one that fails to
+build or differs beyond tolerance falls back to eager with a warning naming the reason, so an option never
+stops a service that eager could run.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ import os
 
 import torch
 
-from shared.models import Predictor
-
 from services.inference.engine import EngineOptions, build_engine
+from shared.models import Predictor
 
 
 def pick_device(name: str) -> str:

@@ -26,6 +26,11 @@ import cv2
 import numpy as np
 import torch
 
+from services.inference.batcher import Batch, Batcher, BufferPool, collect
+from services.inference.jpeg import DeviceDecoder
+from services.inference.loading import load_predictor, pick_device, torch_threads
+from services.inference.postprocess import to_original
+from services.inference.swap import ModelSwapper
 from shared import metrics
 from shared.heap import keep_tensor_heap
 from shared.keys import Keys
@@ -37,12 +42,6 @@ from shared.streams.connection import ensure_group
 from shared.streams.outbox import Outbox
 from shared.streams.producer import Producer
 from shared.streams.reader import DeadLetters, Entry, GroupReader
-
-from services.inference.batcher import Batch, Batcher, BufferPool, collect
-from services.inference.jpeg import DeviceDecoder
-from services.inference.loading import load_predictor, pick_device, torch_threads
-from services.inference.postprocess import to_original
-from services.inference.swap import ModelSwapper
 
 STAGE = "infer"
 
@@ -71,18 +70,18 @@ class InferService(Service):
             torch.set_num_threads(threads)
         self.log.info("torch threads: %d (%d infer replica(s), %d core(s) here)", torch.get_num_threads(),
                       replicas, len(os.sched_getaffinity(0)))
-        self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
-        self.results = Producer(self.r, self.names.results, maxlen=s.results_maxlen)
+        self.dead = DeadLetters(self.r, self.keys, s.deadletter_max_age_s, STAGE)
+        self.results = Producer(self.r, self.keys.results, maxlen=s.results_maxlen)
         self.runners: list[TaskRunner] = []
         # read_from: frames: preprocess's work, done here (a frame nobody can read is dead-lettered by the first
         # task's group only; the others acknowledge it)
-        self.preparer = Preparer(cfg, "preprocess", route_jpeg=True) if self.names.infer_reads_frames else None
+        self.preparer = Preparer(cfg, "preprocess", route_jpeg=True) if self.keys.infer_reads_frames else None
         self.first_task = min(cfg.tasks(), default=None)
         for task in tasks or cfg.tasks():
             spec = cfg.model(task)
             predictor = load_predictor(task, path=str(spec.path) if spec.path else None, arch=spec.arch,
                                        device=self.device, inf=inf)
-            source = self.names.frames if self.preparer else self.names.prepared(task)
+            source = self.keys.frames if self.preparer else self.keys.prepared(task)
             reader = GroupReader(self.r, source, Keys.infer_group(task), self.consumer,
                                  dead=self.dead, count=inf.max_batch, block_ms=s.read_block_ms,
                                  claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries,
@@ -109,10 +108,10 @@ class InferService(Service):
     def setup(self) -> None:
         for run in self.runners:
             run.reader.setup()
-        ensure_group(self.r, self.names.results, Keys.ALERT)
+        ensure_group(self.r, self.keys.results, Keys.ALERT)
 
     def streams(self) -> set[str]:
-        return {self.names.results, *(r.reader.stream for r in self.runners)}
+        return {self.keys.results, *(r.reader.stream for r in self.runners)}
 
     def step(self) -> None:
         # Threads start here, not in setup: after a Redis error the loop reconnects and a dead reader restarts.
@@ -151,7 +150,8 @@ class InferService(Service):
                 run.reader.reject(box, e, "decode_error", str(err))
                 continue
             if run.task != "thermal" and tuple(msg.shape[:2]) != tuple(size):
-                run.reader.reject(box, e, "wrong_shape", f"{list(msg.shape)} but {run.predictor.name} takes {list(size)}")
+                run.reader.reject(box, e, "wrong_shape",
+                                  f"{list(msg.shape)} but {run.predictor.name} takes {list(size)}")
                 continue
             cam = self.cameras.get(msg.camera)
             if cam is not None and cam.max_age_ms and (time.time_ns() - msg.ts) / 1e6 > cam.max_age_ms:

@@ -21,10 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+from services.inference.loading import load_predictor
 from shared import metrics
 from shared.models.modeldir import META, WEIGHTS
-
-from services.inference.loading import load_predictor
 
 log = logging.getLogger("plantsight.swap")
 
@@ -75,12 +74,12 @@ class ModelSwapper:
 
     def source(self, task: str) -> str | None:
         """The model directory a task should run: a deployed one, else the config's (None: an architecture)."""
-        raw = self.svc.r.hget(self.svc.names.models_deploy, task)
+        raw = self.svc.r.hget(self.svc.keys.models_deploy, task)
         if raw:
             try:
                 return str(json.loads(raw)["path"])
             except (ValueError, KeyError, TypeError):
-                log.error("%s: deploy entry for %s is not JSON with a path: %r", self.svc.names.models_deploy,
+                log.error("%s: deploy entry for %s is not JSON with a path: %r", self.svc.keys.models_deploy,
                           task, raw[:200])
                 return None
         spec = self.svc.cfg.model(task)
@@ -142,11 +141,11 @@ class ModelSwapper:
             try:
                 self._publish(run.task, new, path)
             except Exception as e:  # Redis away: the switch stands; the record is only for people
-                log.warning("could not record the switch in %s: %s", self.svc.names.models_active, e)
+                log.warning("could not record the switch in %s: %s", self.svc.keys.models_active, e)
 
     def _publish(self, task: str, predictor, path: str, refused: str | None = None) -> None:
         rec = {"model": predictor.name, "engine": predictor.engine, "path": path, "at": time.time(),
                "consumer": self.svc.consumer}
         if refused:
             rec["refused"] = refused
-        self.svc.r.hset(self.svc.names.models_active, task, json.dumps(rec))
+        self.svc.r.hset(self.svc.keys.models_active, task, json.dumps(rec))

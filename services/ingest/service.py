@@ -18,6 +18,7 @@ from collections import deque
 import cv2
 import numpy as np
 
+from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 from shared import metrics
 from shared.config import CameraConfig, ConfigError, OnFull
 from shared.imaging import encode
@@ -26,8 +27,6 @@ from shared.service import Service
 from shared.streams.connection import REDIS_DOWN, ensure_group
 from shared.streams.groups import Position, ask_position, parse_id, position_of, wait_then_ask
 from shared.streams.producer import Producer
-
-from services.ingest.cameras import Backoff, Encoded, SourceError, open_source
 
 STAGE = "ingest"
 SEQ_BLOCK = 1000  # seq numbers reserved in Redis at a time, so a restarted ingest never repeats one
@@ -67,7 +66,7 @@ class CameraWorker(threading.Thread):
     def __init__(self, svc: "IngestService", cam: CameraConfig):
         super().__init__(name=f"camera-{cam.id}", daemon=True)
         self.svc, self.cam = svc, cam
-        self.producer = Producer(svc.r, svc.names.frames, maxlen=svc.cfg.streams.frames_maxlen)
+        self.producer = Producer(svc.r, svc.keys.frames, maxlen=svc.cfg.streams.frames_maxlen)
         self.waiting: deque[str] = deque()  # ids of this camera's frames not yet read by every reader
         # and those sent but not yet answered (producer.unanswered): they wait too, newest of all
         self.seq = self.seq_end = 0
@@ -158,7 +157,7 @@ class CameraWorker(threading.Thread):
 
     def next_seq(self) -> int:
         if self.seq >= self.seq_end:
-            self.seq_end = int(self.svc.r.hincrby(self.svc.names.seq, self.cam.id, SEQ_BLOCK))
+            self.seq_end = int(self.svc.r.hincrby(self.svc.keys.seq, self.cam.id, SEQ_BLOCK))
             self.seq = self.seq_end - SEQ_BLOCK
         self.seq += 1
         return self.seq - 1
@@ -248,8 +247,8 @@ class IngestService(Service):
         self._delivered_lock = threading.Condition()
         self._delivered, self._delivered_at = (0, 0), -1.0
         self._polling = False  # a blocked camera is asking Redis for all of them
-        self.groups = self.names.frame_groups(cfg.tasks())  # who reads the frames
-        self.progress = self.names.frame_readers_write(cfg.tasks())  # what they write once they have read
+        self.groups = self.keys.frame_groups(cfg.tasks())  # who reads the frames
+        self.progress = self.keys.frame_readers_write(cfg.tasks())  # what they write once they have read
         # Replicas share the cameras out: replica k of n reads cameras k, k+n, k+2n, … of the list.
         n = cfg.services["ingest"].replicas
         self.cameras = [c for i, c in enumerate(cfg.cameras) if i % n == self.replica % n]
@@ -284,7 +283,7 @@ class IngestService(Service):
         if positions is None:
             pipe = self.r.pipeline(transaction=False)
             for group in self.groups:
-                ask_position(pipe, self.names.frames, group, limit=1)
+                ask_position(pipe, self.keys.frames, group, limit=1)
             positions = [position_of(x) for x in pipe.execute()]
         new = min(p.delivered for p in positions)
         self._delivered_at = time.monotonic()
@@ -318,7 +317,7 @@ class IngestService(Service):
             positions = None
             if not self.stop.is_set():  # wait, then ask where the readers are, in one round trip
                 _, positions = wait_then_ask(self.r, self.progress, BLOCKED_WAIT_S,
-                                             [(self.names.frames, g) for g in self.groups], limit=1)
+                                             [(self.keys.frames, g) for g in self.groups], limit=1)
             with self._delivered_lock:
                 self._polling = False  # first, so that a camera this wakes that is still blocked polls next
                 if not self._refresh(positions):  # it wakes the sleeping cameras when the position moved;
@@ -335,7 +334,7 @@ class IngestService(Service):
 
     def setup(self) -> None:
         for group in self.groups:  # so frames published before their reader starts wait for it
-            ensure_group(self.r, self.names.frames, group)
+            ensure_group(self.r, self.keys.frames, group)
         if not self.workers:
             self.workers = [CameraWorker(self, cam) for cam in self.cameras]
             for w in self.workers:
@@ -345,14 +344,14 @@ class IngestService(Service):
     def step(self) -> None:
         # Camera status for the health alerts (and anyone looking): one hash, refreshed every half second.
         if self.workers:
-            self.r.hset(self.names.cameras,
+            self.r.hset(self.keys.cameras,
                         mapping={w.cam.id: json.dumps(w.status) for w in self.workers})
         else:
             self.r.ping()
         self.stop.wait(0.5)
 
     def streams(self) -> set[str]:
-        return {self.names.frames}
+        return {self.keys.frames}
 
     def close(self) -> None:
         for w in self.workers:

@@ -19,14 +19,13 @@ import cv2
 from shared import metrics
 from shared.keys import Keys
 from shared.messages import DecodeError, Frame
+from shared.prepare import Preparer
 from shared.service import Service
 from shared.streams.connection import ensure_group
 from shared.streams.groups import ask_position, position_of, wait_then_ask
 from shared.streams.outbox import Outbox
 from shared.streams.producer import Producer
 from shared.streams.reader import DeadLetters, GroupReader
-
-from shared.prepare import Preparer
 
 STAGE = "preprocess"
 BACKLOG_CHECK_S = 0.02  # while frames flow, how old the answer to "is infer behind?" may be
@@ -45,11 +44,11 @@ class PreprocessService(Service):
         self.tasks = cfg.tasks()
         self.preparer = Preparer(cfg, STAGE, route_jpeg=cfg.inference.decode == "infer")
         s = cfg.streams
-        self.dead = DeadLetters(self.r, self.names, s.deadletter_max_age_s, STAGE)
-        self.reader = GroupReader(self.r, self.names.frames, Keys.PREPROCESS, self.consumer, dead=self.dead,
+        self.dead = DeadLetters(self.r, self.keys, s.deadletter_max_age_s, STAGE)
+        self.reader = GroupReader(self.r, self.keys.frames, Keys.PREPROCESS, self.consumer, dead=self.dead,
                                   count=16, block_ms=s.read_block_ms, claim_idle_ms=s.claim_idle_ms,
                                   max_deliveries=s.max_deliveries, max_bytes=s.max_message_bytes)
-        self.out = {t: Producer(self.r, self.names.prepared(t), maxlen=s.prepared_maxlen) for t in self.tasks}
+        self.out = {t: Producer(self.r, self.keys.prepared(t), maxlen=s.prepared_maxlen) for t in self.tasks}
         self._backlog, self._backlog_at = False, -1.0
         metrics.precreate_stage(STAGE, ("decode_error", "max_deliveries", "oversized", "unknown_camera"))
         for cam in cfg.cameras:
@@ -58,7 +57,7 @@ class PreprocessService(Service):
 
     @property
     def idle(self) -> bool:
-        return self.names.infer_reads_frames
+        return self.keys.infer_reads_frames
 
     def setup(self) -> None:
         if self.idle:
@@ -67,15 +66,15 @@ class PreprocessService(Service):
             return
         self.reader.setup()
         for t in self.tasks:
-            ensure_group(self.r, self.names.prepared(t), Keys.infer_group(t))
+            ensure_group(self.r, self.keys.prepared(t), Keys.infer_group(t))
 
     def streams(self) -> set[str]:
         if self.idle:
             return set()
-        return {self.names.frames, *(self.names.prepared(t) for t in self.tasks)}
+        return {self.keys.frames, *(self.keys.prepared(t) for t in self.tasks)}
 
     def backlog_groups(self) -> list[tuple[str, str]]:
-        return [(self.names.prepared(t), Keys.infer_group(t)) for t in self.tasks]
+        return [(self.keys.prepared(t), Keys.infer_group(t)) for t in self.tasks]
 
     def ask_backlog(self, pipe) -> int:
         """Queue the question "how far behind is each infer group?" in ``pipe``; how many replies it adds."""
@@ -106,7 +105,7 @@ class PreprocessService(Service):
             # infer writes results when it has run a batch (and read the next): ask again then, not every
             # 20 ms (those questions cost more CPU than the frames at saturation on a two-core box)
             self.stop.wait(max(0.0, self._backlog_at + BACKLOG_POLL_S - time.monotonic()))
-            _, positions = wait_then_ask(self.r, [self.names.results], BACKLOG_WAIT_S, self.backlog_groups(),
+            _, positions = wait_then_ask(self.r, [self.keys.results], BACKLOG_WAIT_S, self.backlog_groups(),
                                          self.cfg.streams.prepared_backlog + 1)
             self.note_backlog([p.lag for p in positions])
             return
@@ -126,11 +125,11 @@ class PreprocessService(Service):
         try:
             frame = Frame.from_msgpack(entry.payload, self.cfg.streams.max_message_bytes)
         except DecodeError as e:
-            self.dead.add(box, self.names.frames, entry, "decode_error", str(e))
+            self.dead.add(box, self.keys.frames, entry, "decode_error", str(e))
             return
         cam = self.cameras.get(frame.camera)
         if cam is None:
-            self.dead.add(box, self.names.frames, entry, "unknown_camera", f"camera {frame.camera!r} is not configured")
+            self.dead.add(box, self.keys.frames, entry, "unknown_camera", f"camera {frame.camera!r} is not configured")
             return
         if cam.max_age_ms and (time.time_ns() - frame.ts) / 1e6 > cam.max_age_ms:
             box.on_commit(lambda: metrics.DROPPED.labels(camera=cam.id, stage=STAGE, reason="stale").inc())
@@ -138,7 +137,7 @@ class PreprocessService(Service):
         try:
             prepared = self.preparer.messages(frame, cam, cam.tasks, entry.id, t0)
         except DecodeError as e:
-            self.dead.add(box, self.names.frames, entry, "decode_error", str(e))
+            self.dead.add(box, self.keys.frames, entry, "decode_error", str(e))
             return
         for msg in prepared:
             self.out[msg.task].add(msg.to_msgpack(), cam=cam.id, task=msg.task, box=box)

@@ -54,12 +54,12 @@ def valid_alert_id(alert_id: str) -> bool:
 class ViewerData:
     def __init__(self, cfg: Config, r: redis.Redis):
         self.cfg, self.r = cfg, r
-        self.names = Keys.for_config(cfg)
+        self.keys = Keys.for_config(cfg)
         self.cameras_cfg = {c.id: c for c in cfg.cameras}
 
     # --- cameras -------------------------------------------------------------------------
     def camera_status(self) -> dict[str, dict]:
-        raw = self.r.hgetall(self.names.cameras)
+        raw = self.r.hgetall(self.keys.cameras)
         out = {}
         for k, v in raw.items():
             try:
@@ -86,7 +86,7 @@ class ViewerData:
         wanted = {c.id: set(c.tasks) for c in self.cfg.cameras if camera is None or c.id == camera}
         latest: dict[str, dict[str, dict]] = {}
         low = f"{int((time.time() - since_s) * 1000)}-0" if since_s else "-"
-        for _, fields in self._newest(self.names.results, SCAN_RESULTS, low=low):
+        for _, fields in self._newest(self.keys.results, SCAN_RESULTS, low=low):
             cam, task = _field(fields, b"cam"), _field(fields, b"task")
             if task not in wanted.get(cam, ()) or task in latest.get(cam, {}):
                 continue
@@ -137,7 +137,7 @@ class ViewerData:
         """task → [[unix seconds, key value], …] oldest first, over the last `seconds` in the results stream."""
         since_ms = int((time.time() - seconds) * 1000)
         out: dict[str, list[list[float]]] = {}
-        for _, fields in self.r.xrevrange(self.names.results, min=f"{since_ms}-0", count=SCAN_RESULTS * 4):
+        for _, fields in self.r.xrevrange(self.keys.results, min=f"{since_ms}-0", count=SCAN_RESULTS * 4):
             if _field(fields, b"cam") != camera:
                 continue
             try:
@@ -153,10 +153,10 @@ class ViewerData:
     def frame(self, camera: str, frame_id: str | None = None) -> tuple[Frame, str] | None:
         """A camera's frame by id, else its newest one still in ``{P}:frames``."""
         if frame_id:
-            got = self.r.xrange(self.names.frames, frame_id, frame_id, count=1)
+            got = self.r.xrange(self.keys.frames, frame_id, frame_id, count=1)
             entries = [(i, f) for i, f in got if _field(f, b"cam") == camera]
         else:
-            entries = next(([(i, f)] for i, f in self._newest(self.names.frames, SCAN_FRAMES, page=16)
+            entries = next(([(i, f)] for i, f in self._newest(self.keys.frames, SCAN_FRAMES, page=16)
                             if _field(f, b"cam") == camera), [])
         for entry_id, fields in entries:
             try:
@@ -193,7 +193,7 @@ class ViewerData:
         """Episodes, newest first: the firing alert with its resolve (if any), acknowledgement and evidence."""
         episodes: dict[str, dict] = {}
         resolves: dict[str, Alert] = {}
-        for entry_id, fields in self.r.xrevrange(self.names.alerts, count=SCAN_ALERTS):
+        for entry_id, fields in self.r.xrevrange(self.keys.alerts, count=SCAN_ALERTS):
             try:
                 a = Alert.from_msgpack(fields.get(b"m", b""), self.cfg.streams.max_message_bytes)
             except DecodeError:
@@ -204,7 +204,7 @@ class ViewerData:
                 continue  # a repeat notification (repeat_s): its episode is listed by the firing alert
             elif a.id not in episodes:
                 episodes[a.id] = self._episode(a, entry_id.decode())
-        acks = acknowledgements(self.r, self.names.prefix)
+        acks = acknowledgements(self.r, self.keys.prefix)
         rows = []
         for ep in episodes.values():
             res = resolves.get(ep["id"])
@@ -252,18 +252,18 @@ class ViewerData:
 
     # --- pipeline health -------------------------------------------------------------------
     def streams(self) -> list[dict]:
-        rows = stream_stats(self.r, self.names, self.cfg.tasks())
+        rows = stream_stats(self.r, self.keys, self.cfg.tasks())
         dead = {}
-        for _, fields in self.r.xrevrange(self.names.deadletter, count=1000):
+        for _, fields in self.r.xrevrange(self.keys.deadletter, count=1000):
             reason = _field(fields, b"reason") or "?"
             dead[reason] = dead.get(reason, 0) + 1
         for row in rows:
-            if row["stream"] == self.names.deadletter:
+            if row["stream"] == self.keys.deadletter:
                 row["reasons"] = dead
         return rows
 
     def services(self) -> list[dict]:
-        return service_heartbeats(self.r, self.names.prefix)
+        return service_heartbeats(self.r, self.keys.prefix)
 
 
 def summary(task: str, out: dict) -> dict:

@@ -1,7 +1,7 @@
 """viewer: the web page people look at — live cameras with overlays, the alert log with evidence, health.
 
 Plain HTML, CSS and a little JavaScript from ``static/``, served by this process next to a JSON API
-under ``/api/`` that the pages use (and anyone else may: see the README). Everything but ``/healthz``,
+under ``/api/`` that the pages use (and anyone else may: docs/viewer.md). Everything but ``/healthz``,
 ``/readyz`` and the login page needs a token (`auth.py`). Live video is MJPEG: the browser shows
 ``/api/cameras/<id>/live.mjpg`` in an ``<img>``; one rendering per camera and frame is shared by all
 viewers, so ten people watching cost what one does. An alert's evidence clip plays the same way
@@ -395,7 +395,7 @@ class ViewerService(Service):
             return _error(400, "the body must be JSON (or empty)")
         note = str(body.get("note", ""))[:500] if isinstance(body, dict) else ""
         try:
-            record = acknowledge(self.r, self.names.prefix, alert_id, by=f"viewer ({who.how})", note=note)
+            record = acknowledge(self.r, self.keys.prefix, alert_id, by=f"viewer ({who.how})", note=note)
         except UnknownAlert:
             return _error(404, f"no alert {alert_id}")
         self.log.info("alert %s acknowledged from the viewer", alert_id)

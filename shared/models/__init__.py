@@ -1,8 +1,13 @@
 """CNNs for plantsight: registry, task networks, model directories and the Predictor."""
 
 # Importing the task modules registers their architectures.
-from . import classify, detect, segment, thermal  # noqa: F401
-from . import detect_af  # noqa: F401
+from . import (  # noqa: F401
+    classify,
+    detect,
+    detect_af,  # noqa: F401
+    segment,
+    thermal,
+)
 from .classify import SimpleCNN
 from .detect import SimpleYOLO, decode_yolo, yolo_loss
 from .modeldir import ModelMeta, default_meta, input_size_for, load_meta, load_model_dir, save_model_dir

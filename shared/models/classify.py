@@ -14,7 +14,8 @@ INPUT_SIZE = (224, 224)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
 
 
 class SimpleCNN(nn.Module):
@@ -25,7 +26,8 @@ class SimpleCNN(nn.Module):
         self.features = nn.Sequential(_block(in_channels, 32), _block(32, 64), _block(64, 128))
         h, w = input_size[0] // 8, input_size[1] // 8
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(128 * h * w, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes)
+            nn.Flatten(), nn.Linear(128 * h * w, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512,
+                                                                                                         num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,8 @@ def decode_yolo(
     cy = (gy + box[..., 1]) / sh * ih
     half_w, half_h = box[..., 2] * iw / 2, box[..., 3] * ih / 2
     xyxy = torch.stack(
-        [(cx - half_w).clamp(0, iw), (cy - half_h).clamp(0, ih), (cx + half_w).clamp(0, iw), (cy + half_h).clamp(0, ih)], -1
-    ).reshape(n, -1, 4)
+        [(cx - half_w).clamp(0, iw), (cy - half_h).clamp(0, ih), (cx + half_w).clamp(0, iw),
+         (cy + half_h).clamp(0, ih)], -1).reshape(n, -1, 4)
     score = (box[..., 4] * cls_score.unsqueeze(-1)).reshape(n, -1)
     cls = cls_idx.unsqueeze(-1).expand(n, sh, sw, boxes).reshape(n, -1)
 
@@ -112,9 +112,12 @@ def nms_per_image(boxes: torch.Tensor, score: torch.Tensor, cls: torch.Tensor, i
 
 def _iou_cxcywh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of boxes given as (cx, cy, w, h) in the same units; broadcasts."""
-    ax1, ay1, ax2, ay2 = a[..., 0] - a[..., 2] / 2, a[..., 1] - a[..., 3] / 2, a[..., 0] + a[..., 2] / 2, a[..., 1] + a[..., 3] / 2
-    bx1, by1, bx2, by2 = b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2, b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2
-    inter = (torch.min(ax2, bx2) - torch.max(ax1, bx1)).clamp(min=0) * (torch.min(ay2, by2) - torch.max(ay1, by1)).clamp(min=0)
+    ax1, ay1 = a[..., 0] - a[..., 2] / 2, a[..., 1] - a[..., 3] / 2
+    ax2, ay2 = a[..., 0] + a[..., 2] / 2, a[..., 1] + a[..., 3] / 2
+    bx1, by1 = b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2
+    bx2, by2 = b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2
+    inter_w = (torch.min(ax2, bx2) - torch.max(ax1, bx1)).clamp(min=0)
+    inter = inter_w * (torch.min(ay2, by2) - torch.max(ay1, by1)).clamp(min=0)
     union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
     return inter / union.clamp(min=1e-9)
 

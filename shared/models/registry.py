@@ -10,7 +10,6 @@ from torch import nn
 
 from shared.names import TASKS
 
-
 # Class names the synthetic scenes use; an untrained net or a fresh training run starts from these.
 DEFAULT_CLASSES: dict[str, list[str]] = {
     "classify": ["normal", "anomaly"],

@@ -37,7 +37,8 @@ class ThermalCNN(nn.Module):
         super().__init__()
         layers, cin = [], 1
         for w in widths:
-            layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
             cin = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Linear(3 * cin + 3, 64), nn.ReLU(inplace=True), nn.Linear(64, 3))

@@ -87,7 +87,8 @@ def test_with_infer_reading_the_frames_no_preprocess_runs_and_every_frame_gets_o
     for c in cams:  # every frame published was processed once per task, none dropped
         published = up.counter("ingest", "plantsight_frames_total", camera=c["id"], stage="ingest")
         assert published == c["max_frames"], c["id"]
-        assert up.counter("infer", "plantsight_frames_total", camera=c["id"], stage="infer") == published * len(c["tasks"])
+        assert up.counter("infer", "plantsight_frames_total", camera=c["id"],
+                          stage="infer") == published * len(c["tasks"])
     assert up.counter("ingest", "plantsight_frames_dropped_total") == 0
     assert all(m["out"]["source"] == "radiometric" for m in up.results() if m["task"] == "thermal")
     assert up.stop() == 0
@@ -114,7 +115,8 @@ def test_published_equals_processed_plus_dropped_with_a_slow_consumer(up_pipelin
     assert published == n
     assert dropped["ingest"] > 0, "the slow detector should have forced drops"
     assert processed + sum(dropped.values()) == published, (processed, dropped)
-    assert up.counter("ingest", "plantsight_frames_dropped_total", camera="fast", reason="queue_full") == dropped["ingest"]
+    assert up.counter("ingest", "plantsight_frames_dropped_total", camera="fast",
+                      reason="queue_full") == dropped["ingest"]
     seqs = sorted(m["seq"] for m in up.results())
     assert len(seqs) == processed and len(set(seqs)) == len(seqs)
     if policy == "drop_newest":  # the first frames are kept, later ones refused

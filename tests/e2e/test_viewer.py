@@ -290,7 +290,8 @@ def test_a_browser_sees_live_cameras_opens_an_alert_and_acknowledges_it(demo, br
 
     alert = _an_alert(demo, need_snapshot=True)
     browser.get(f"{demo.base}/alerts")
-    row = _wait("the alert in the log", lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-alert="{alert["id"]}"] a'))
+    row = _wait("the alert in the log", lambda: browser.find_elements(By.CSS_SELECTOR,
+                                                                      f'tr[data-alert="{alert["id"]}"] a'))
     browser.save_screenshot(str(shots / "alerts.png"))
     row[0].click()
     _wait("the alert page", lambda: alert["id"] in browser.current_url)

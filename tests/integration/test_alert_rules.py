@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from shared import acks
 from services.alerting.service import AlertService
+from shared import acks
 from shared.config import load_config
 from shared.data.scenes import make_scene
 from shared.imaging import encode
@@ -51,7 +51,7 @@ def run(svc: AlertService, results, now=None) -> list[tuple[int, Alert]]:
 
 
 def stream_alerts(r, svc) -> list[Alert]:
-    return [Alert.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.alerts)]
+    return [Alert.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.keys.alerts)]
 
 
 def test_a_long_synthetic_sequence_gives_exactly_one_alert_per_episode(redis_server, r, prefix, tmp_path):
@@ -68,10 +68,10 @@ def test_a_long_synthetic_sequence_gives_exactly_one_alert_per_episode(redis_ser
         res = Result(camera="k1", seq=seq, ts=T0 + seq * NS // 4, task="thermal", frame_id=f"{1000 + seq}-0",
                      model="thermal_cnn@untrained",
                      out={k: truth[k] for k in ("max_k", "avg_k", "min_k", "hotspots")} | {"source": "radiometric"})
-        r.xadd(svc.names.results, {"m": res.to_msgpack()})
+        r.xadd(svc.keys.results, {"m": res.to_msgpack()})
     for _ in range(n // 64 + 2):  # the service reads 64 results a step
         svc.step()
-    assert group_lag(r, svc.names.results, "alert") == 0
+    assert group_lag(r, svc.keys.results, "alert") == 0
     episodes = sorted({scene.episode(q)[:2] for q in range(n) if scene.episode(q)})
     assert len(episodes) >= 12
     # Each episode is 10 frames above 460 K: it fires on its 3rd frame and resolves 2 frames after it ends.
@@ -89,7 +89,7 @@ def test_a_long_synthetic_sequence_gives_exactly_one_alert_per_episode(redis_ser
     for a in firing:
         assert a.evidence == a.id
         assert json.loads((tmp_path / "evidence" / a.id / "evidence.json").read_text())["id"] == a.id
-    assert r.xpending(svc.names.results, "alert")["pending"] == 0
+    assert r.xpending(svc.keys.results, "alert")["pending"] == 0
 
 
 @pytest.mark.parametrize("rule, want", [
@@ -169,7 +169,7 @@ def test_a_thermal_zone_is_judged_on_its_own_pixels(redis_server, r, prefix, tmp
     kelvin[5, 150] = 520.0  # in neither zone: the frame's max, but no zone's business
     enc, data = encode(np.round(kelvin * 100).astype(np.uint16)[:, :, None])
     frame = Frame(camera="k1", seq=0, ts=T0, enc=enc, shape=[120, 160, 1], dtype="uint16", data=data)
-    frame_id = r.xadd(svc.names.frames, {"m": frame.to_msgpack()}).decode()
+    frame_id = r.xadd(svc.keys.frames, {"m": frame.to_msgpack()}).decode()
     res = Result(camera="k1", seq=0, ts=T0, task="thermal", frame_id=frame_id, model="thermal_cnn@untrained",
                  out={"max_k": 520.0, "avg_k": 300.4, "min_k": 300.0, "hotspots": [[40, 30, 470.0], [150, 5, 520.0]],
                       "source": "radiometric"})
@@ -202,7 +202,7 @@ def test_repeats_until_acknowledged_and_the_resolve_still_goes_out(redis_server,
     def feed(seq, k):
         out = svc.evaluate(thermal(seq, k), now=clock["now"])  # step() would pass the wall clock
         for a in out:
-            r.xadd(svc.names.alerts, {"m": a.to_msgpack()})
+            r.xadd(svc.keys.alerts, {"m": a.to_msgpack()})
         return [(a.state, a.labels.get("repeat")) for a in out]
 
     assert feed(0, 460) == [("firing", None)]
@@ -212,7 +212,7 @@ def test_repeats_until_acknowledged_and_the_resolve_still_goes_out(redis_server,
     assert feed(2, 460) == [("firing", "1")]  # 60 s on: re-notified, with a new id and the same episode
     first, repeat = stream_alerts(r, svc)
     assert repeat.id != first.id and repeat.labels["episode"] == first.id
-    acks.acknowledge(r, svc.names.prefix, repeat.id, "ann")  # acknowledging any alert of the episode counts
+    acks.acknowledge(r, svc.keys.prefix, repeat.id, "ann")  # acknowledging any alert of the episode counts
     clock["now"] += 600
     assert feed(3, 460) == []
     assert feed(4, 300) == [("resolved", None)]  # the resolve is sent anyway
@@ -226,12 +226,12 @@ def test_pipeline_health_consumer_lag_and_dead_letters(redis_server, r, prefix, 
     svc = service(redis_server, prefix, tmp_path, [], consumer_lag_max=5, consumer_lag_for_s=0, deadletter_max=3,
                   deadletter_window_s=1.5)
     svc.setup()
-    stream = svc.names.prepared("thermal")
+    stream = svc.keys.prepared("thermal")
     r.xgroup_create(stream, "infer-thermal", id="0", mkstream=True)
     for i in range(8):
         r.xadd(stream, {"m": b"x"})
     for i in range(3):
-        r.xadd(svc.names.deadletter, {"stage": "infer", "reason": "decode_error", "detail": f"#{i}"})
+        r.xadd(svc.keys.deadletter, {"stage": "infer", "reason": "decode_error", "detail": f"#{i}"})
 
     def step():
         svc.health.next_check = svc.health.next_pipeline = 0.0
@@ -261,7 +261,7 @@ def test_ack_endpoint_needs_the_operator_token(redis_server, r, prefix, tmp_path
     svc = service(redis_server, prefix, tmp_path, [{"name": "hot", "task": "thermal", "when": "max_k >= 450"}],
                   port=free_port())
     svc.setup()
-    r.xadd(svc.names.results, {"m": thermal(0, 460).to_msgpack()})
+    r.xadd(svc.keys.results, {"m": thermal(0, 460).to_msgpack()})
     svc.step()
     (alert,) = stream_alerts(r, svc)
     svc.start_http()
@@ -274,12 +274,12 @@ def test_ack_endpoint_needs_the_operator_token(redis_server, r, prefix, tmp_path
         assert httpx.post(f"{base}/not-an-alert/ack", headers=auth, timeout=5).status_code == 404
         assert httpx.get(f"{base}/{alert.id}/ack", headers=auth, timeout=5).status_code == 405
         assert httpx.post(f"{base}/{alert.id}/ack", headers=auth, content=b"[1]", timeout=5).status_code == 400
-        assert acks.acknowledgement(r, svc.names.prefix, alert.id) is None  # nothing was written so far
+        assert acks.acknowledgement(r, svc.keys.prefix, alert.id) is None  # nothing was written so far
         ok = httpx.post(f"{base}/{alert.id}/ack", headers=auth, json={"by": "ann", "note": "valve closed"}, timeout=5)
         assert ok.status_code == 200
         doc = ok.json()
         assert (doc["id"], doc["by"], doc["note"]) == (alert.id, "ann", "valve closed")
-        assert acks.acknowledgement(r, svc.names.prefix, alert.id)["by"] == "ann"
+        assert acks.acknowledgement(r, svc.keys.prefix, alert.id)["by"] == "ann"
         again = httpx.post(f"{base}/{alert.id}/ack", headers=auth, json={"by": "bob"}, timeout=5)
         assert again.json()["by"] == "ann"  # the first acknowledgement stands
     finally:
@@ -312,7 +312,7 @@ def test_cli_lists_and_acknowledges_alerts(redis_server, r, prefix, tmp_path):
                                                     "cooldown_s": 0}])
     svc.setup()
     for i, k in enumerate([460, 300]):
-        r.xadd(svc.names.results, {"m": thermal(i, k).to_msgpack()})
+        r.xadd(svc.keys.results, {"m": thermal(i, k).to_msgpack()})
     svc.step()
     firing, resolved = stream_alerts(r, svc)
     path = tmp_path / "plantsight.yaml"

@@ -82,8 +82,8 @@ def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path, read_
         out["cpu_ms_per_frame_all_services"] - stage["model_cpu_ms_per_frame"], abs=0.02)
     assert out["cpu_feeding_model_ms_per_frame"] == pytest.approx(  # the same without the alert service
         out["cpu_outside_model_ms_per_frame"] - out["stages"]["alert"]["cpu_ms_per_frame"], abs=0.02)
-    assert out["feeding_vs_floor"] == pytest.approx(out["cpu_feeding_model_ms_per_frame"] / out["decode_resize_floor_ms"],
-                                                    rel=0.08)
+    feeding = out["cpu_feeding_model_ms_per_frame"] / out["decode_resize_floor_ms"]
+    assert out["feeding_vs_floor"] == pytest.approx(feeding, rel=0.08)
     assert out["batch"] == 8 and out["device"] == "cpu" and out["engine"] == "torchscript"
     assert out["decode"] == "infer" and out["frame"] == [240, 320]
     assert {"torch", "torchvision", "redis_py"} <= set(out["versions"]) and out["redis_server"]

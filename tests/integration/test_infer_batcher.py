@@ -123,7 +123,7 @@ def svc(redis_server, r, prefix):
 
 
 def test_the_next_batch_is_read_and_decoded_while_one_is_out_and_acks_wait_for_results(svc, r):
-    stream = svc.names.prepared("classify")
+    stream = svc.keys.prepared("classify")
     for seq in range(16):
         r.xadd(stream, {"m": prepared_224(seq), "cam": "c1"})
     svc.batcher.start()
@@ -135,9 +135,9 @@ def test_the_next_batch_is_read_and_decoded_while_one_is_out_and_acks_wait_for_r
     # With PREFETCH batches out, the reader takes no more: the rest stays undelivered.
     assert svc.batcher.next(timeout=0.5) is None
     assert PREFETCH == 2 and r.xpending(stream, "infer-classify")["pending"] == 8
-    assert r.xlen(svc.names.results) == 0  # nothing written, nothing acknowledged yet
+    assert r.xlen(svc.keys.results) == 0  # nothing written, nothing acknowledged yet
     svc.process_batch(first)
-    assert [Result.from_msgpack(f[b"m"]).seq for _, f in r.xrange(svc.names.results)] == [0, 1, 2, 3]
+    assert [Result.from_msgpack(f[b"m"]).seq for _, f in r.xrange(svc.keys.results)] == [0, 1, 2, 3]
     third = svc.batcher.next(timeout=10)  # the finished batch freed a slot
     assert [m.seq for _, m in third.items] == [8, 9, 10, 11]
     svc.process_batch(second)
@@ -146,11 +146,11 @@ def test_the_next_batch_is_read_and_decoded_while_one_is_out_and_acks_wait_for_r
     svc.stop.set()
     svc.close()  # drains what the reader already holds
     assert r.xpending(stream, "infer-classify")["pending"] == 0
-    assert [Result.from_msgpack(f[b"m"]).seq for _, f in r.xrange(svc.names.results)] == list(range(16))
+    assert [Result.from_msgpack(f[b"m"]).seq for _, f in r.xrange(svc.keys.results)] == list(range(16))
 
 
 def test_entries_in_flight_are_not_claimed_back_by_their_own_worker(svc, r):
-    stream = svc.names.prepared("classify")
+    stream = svc.keys.prepared("classify")
     for seq in range(3):
         r.xadd(stream, {"m": prepared_224(seq), "cam": "c1"})
     run = svc.runners[0]

@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from services.inference.jpeg import DeviceDecoder
-from shared.messages import PreparedJpeg, decode_prepared
 from services.inference.service import InferService
-from shared.prepare import plan, prepare
 from services.preprocess.service import PreprocessService
 from shared.config import load_config
 from shared.data.scenes import scene_from_source
 from shared.imaging import decode_frame, encode, jpeg_reduction
 from shared.keys import Keys
-from shared.messages import DecodeError, Frame, Prepared, Result
+from shared.messages import DecodeError, Frame, Prepared, PreparedJpeg, Result, decode_prepared
+from shared.prepare import plan, prepare
 from shared.streams.reader import Entry
 
 
@@ -116,14 +115,14 @@ def test_preprocess_routes_jpeg_bytes_undecoded_and_still_decodes_for_thermal(re
     svc = PreprocessService(cfg, port=0)
     svc.setup()
     f = frame(5)
-    entry_id = r.xadd(svc.names.frames, {"m": f.to_msgpack(), "cam": "c1"}).decode()
+    entry_id = r.xadd(svc.keys.frames, {"m": f.to_msgpack(), "cam": "c1"}).decode()
     svc.step()
     for task, size in (("classify", (224, 224)), ("detect", (448, 448))):
-        ((_, fields),) = r.xrange(svc.names.prepared(task))
+        ((_, fields),) = r.xrange(svc.keys.prepared(task))
         msg = decode_prepared(fields[b"m"], 1 << 25)
         assert isinstance(msg, PreparedJpeg) and msg.data == f.data  # the camera's bytes, not decoded
         assert msg.shape == (*size, 3) and msg.frame_id == entry_id and msg.roi == (100, 60, 400, 300)
-    assert r.xpending(svc.names.frames, "preprocess")["pending"] == 0
+    assert r.xpending(svc.keys.frames, "preprocess")["pending"] == 0
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -133,7 +132,7 @@ def test_infer_results_from_jpeg_routed_frames_equal_the_cpu_paths(redis_server,
     assert svc.jpeg.method == ("torch" if device == "cuda" else "cpu")  # nvJPEG on the GPU, else libjpeg-turbo
     svc.setup()
     run = svc.runners[0]
-    stream = svc.names.prepared("classify")
+    stream = svc.keys.prepared("classify")
     frames = [frame(s) for s in range(4)]
     pairs = [jpeg_msgs(f, "classify", (224, 224)) for f in frames]
     for j, _ in pairs:
@@ -143,13 +142,13 @@ def test_infer_results_from_jpeg_routed_frames_equal_the_cpu_paths(redis_server,
     bad_id = r.xadd(stream, {"m": broken.to_msgpack(), "cam": "c1"}).decode()
     svc.process(run, svc.collect(run, 100)[:4])
     svc.process(run, svc.collect(run, 100))
-    got = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.results)]
+    got = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.keys.results)]
     assert [m.seq for m in got] == [0, 1, 2, 3]
     want = svc.predict(run, [(Entry("0-0", {}), p) for _, p in pairs])
     for res, out in zip(got, want):
         assert res.out["index"] == out["index"]
         assert np.allclose(res.out["probs"], out["probs"], atol=1e-4 if svc.jpeg.method == "cpu" else 2e-2)
-    ((_, letter),) = r.xrange(svc.names.deadletter)
+    ((_, letter),) = r.xrange(svc.keys.deadletter)
     assert letter[b"id"].decode() == bad_id and letter[b"reason"] == b"decode_error"
     assert r.xpending(stream, "infer-classify")["pending"] == 0
 
@@ -161,24 +160,24 @@ def test_infer_reading_the_frames_itself_gives_the_preprocess_paths_results(redi
     per task. No ``prepared`` stream is written."""
     cfg = config(redis_server, prefix, read_from="frames")
     svc = InferService(cfg, port=0)
-    assert svc.names.infer_reads_frames and [run.reader.stream for run in svc.runners] == [svc.names.frames] * 3
+    assert svc.keys.infer_reads_frames and [run.reader.stream for run in svc.runners] == [svc.keys.frames] * 3
     svc.setup()
     frames = [frame(s) for s in range(3)]
-    ids = [r.xadd(svc.names.frames, {"m": f.to_msgpack(), "cam": "c1"}).decode() for f in frames]
+    ids = [r.xadd(svc.keys.frames, {"m": f.to_msgpack(), "cam": "c1"}).decode() for f in frames]
     kelvin = np.full((120, 160, 1), 30_000, np.uint16)  # 300.00 K everywhere, centikelvin
     kelvin[10, 20] = 35_000
     enc, data = encode(kelvin)
     hot = Frame(camera="k1", seq=7, ts=time.time_ns(), enc=enc, shape=kelvin.shape, dtype="uint16", data=data)
-    ids.append(r.xadd(svc.names.frames, {"m": hot.to_msgpack(), "cam": "k1"}).decode())
-    garbage = r.xadd(svc.names.frames, {"m": b"\x00not msgpack", "cam": "c1"}).decode()
+    ids.append(r.xadd(svc.keys.frames, {"m": hot.to_msgpack(), "cam": "k1"}).decode())
+    garbage = r.xadd(svc.keys.frames, {"m": b"\x00not msgpack", "cam": "c1"}).decode()
     stranger = Frame(camera="nobody", seq=0, ts=time.time_ns(), enc="jpeg", shape=frames[0].shape, dtype="uint8",
                      data=frames[0].data)
-    unknown = r.xadd(svc.names.frames, {"m": stranger.to_msgpack(), "cam": "nobody"}).decode()
+    unknown = r.xadd(svc.keys.frames, {"m": stranger.to_msgpack(), "cam": "nobody"}).decode()
     for run in svc.runners:  # batches of max_batch (4) until each group has read all six entries
         while entries := svc.collect(run, 100):
             svc.process(run, entries)
 
-    got = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.results)]
+    got = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.keys.results)]
     assert sorted((m.task, m.camera, m.seq) for m in got) == sorted(
         [("classify", "c1", s) for s in range(3)] + [("detect", "c1", s) for s in range(3)] + [("thermal", "k1", 7)])
     assert {m.frame_id for m in got} == set(ids)  # the frames' own ids, for the evidence lookups
@@ -191,9 +190,10 @@ def test_infer_reading_the_frames_itself_gives_the_preprocess_paths_results(redi
     (thermal,) = [m for m in got if m.task == "thermal"]
     assert thermal.out["source"] == "radiometric" and thermal.out["max_k"] == 350.0 and thermal.out["min_k"] == 300.0
 
-    letters = [(f[b"id"].decode(), f[b"reason"].decode(), f[b"stage"].decode()) for _, f in r.xrange(svc.names.deadletter)]
+    letters = [(f[b"id"].decode(), f[b"reason"].decode(), f[b"stage"].decode()) for _,
+               f in r.xrange(svc.keys.deadletter)]
     assert sorted(letters) == sorted([(garbage, "decode_error", "infer"), (unknown, "unknown_camera", "infer")])
     for run in svc.runners:  # every group has read and acknowledged every frame
-        (group,) = [g for g in r.xinfo_groups(svc.names.frames) if g["name"].decode() == f"infer-{run.task}"]
+        (group,) = [g for g in r.xinfo_groups(svc.keys.frames) if g["name"].decode() == f"infer-{run.task}"]
         assert group["pending"] == 0 and group["last-delivered-id"].decode() == unknown, run.task
     assert not r.keys(Keys(prefix).prepared("*"))

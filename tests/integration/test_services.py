@@ -43,7 +43,7 @@ def test_infer_batches_up_to_max_batch_then_waits_at_most_max_wait(redis_server,
     svc = InferService(cfg, tasks=["classify"], port=0)
     svc.setup()
     run = svc.runners[0]
-    stream = svc.names.prepared("classify")
+    stream = svc.keys.prepared("classify")
     for seq in range(6):
         r.xadd(stream, {"m": prepared(seq)})
     assert len(svc.collect(run, 100)) == 4  # full batch at once
@@ -52,7 +52,7 @@ def test_infer_batches_up_to_max_batch_then_waits_at_most_max_wait(redis_server,
     waited = time.monotonic() - t0
     assert len(rest) == 2 and waited >= 0.29  # the batch stayed open max_wait_ms for more frames
     svc.process(run, rest)
-    results = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.results)]
+    results = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.keys.results)]
     assert [m.seq for m in results] == [4, 5]
     assert results[0].out["classes"] == ["normal", "anomaly"] and len(results[0].out["probs"]) == 2
     assert results[0].model == "simple_cnn@untrained"
@@ -69,10 +69,10 @@ def test_thermal_results_are_exact_for_radiometric_frames(redis_server, r, prefi
     ck = np.round(kelvin * 100).astype(np.uint16)[:, :, None]
     msg = Prepared(camera="k1", seq=0, ts=time.time_ns(), task="thermal", frame_id="1-0", shape=ck.shape,
                    dtype="uint16", data=ck.tobytes(), orig=[140, 180], letterbox=[1.0, 0, 0], roi=[10, 20, 160, 120])
-    r.xadd(svc.names.prepared("thermal"), {"m": msg.to_msgpack()})
+    r.xadd(svc.keys.prepared("thermal"), {"m": msg.to_msgpack()})
     run = svc.runners[0]
     svc.process(run, svc.collect(run, 100))
-    (res,) = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.results)]
+    (res,) = [Result.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.keys.results)]
     assert res.out["max_k"] == 455.25 and res.out["min_k"] == 290.0
     assert res.out["avg_k"] == pytest.approx(kelvin.mean(), abs=1e-3)
     # Hot spots above the model's threshold, in original-frame pixels (ROI offset added).
@@ -95,7 +95,8 @@ def test_boxes_and_masks_map_back_to_the_original_frame_exactly():
     full = mask_to_original(mask, msg)
     assert full.shape == (528, 720) and full[:40].sum() == 0 and full[:, :100].sum() == 0
     ys, xs = np.nonzero(full)
-    assert abs(xs.min() - 140) <= 1 and abs(xs.max() - 219) <= 1 and abs(ys.min() - 70) <= 1 and abs(ys.max() - 129) <= 1
+    assert abs(xs.min() - 140) <= 1 and abs(xs.max() - 219) <= 1
+    assert abs(ys.min() - 70) <= 1 and abs(ys.max() - 129) <= 1
     out = segment_out(mask, msg)
     assert len(out["regions"]) == 1 and out["regions"][0][4] == int(full.sum())
     assert out["defect_ratio"] == pytest.approx(full.sum() / (400 * 300))
@@ -127,14 +128,14 @@ def test_alert_service_writes_alerts_and_acks_results_together(redis_server, r, 
     svc = AlertService(config(redis_server, prefix, alerts={"rules": rules, "camera_offline_s": 0}), port=0)
     svc.setup()
     for i, k in enumerate([455, 456, 457, 300]):
-        r.xadd(svc.names.results, {"m": thermal_result(i, k).to_msgpack()})
-    r.xadd(svc.names.results, {"m": b"\x93broken"})
+        r.xadd(svc.keys.results, {"m": thermal_result(i, k).to_msgpack()})
+    r.xadd(svc.keys.results, {"m": b"\x93broken"})
     svc.step()
-    alerts = [Alert.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.names.alerts)]
+    alerts = [Alert.from_msgpack(f[b"m"]) for _, f in r.xrange(svc.keys.alerts)]
     assert [(a.state, a.frame_id) for a in alerts] == [("firing", "1-1"), ("resolved", "1-3")]
     assert alerts[1].labels["episode"] == alerts[0].id
-    assert r.xpending(svc.names.results, "alert")["pending"] == 0
-    (letter,) = r.xrange(svc.names.deadletter)
+    assert r.xpending(svc.keys.results, "alert")["pending"] == 0
+    (letter,) = r.xrange(svc.keys.deadletter)
     assert letter[1][b"reason"] == b"decode_error"
 
 
@@ -185,7 +186,7 @@ def test_blocked_cameras_wake_when_preprocess_writes_and_do_not_poll_redis(redis
     cams = [{"id": f"c{i}", "source": "synthetic://process?w=64&h=48&replay=2", "tasks": ["classify"],
              "fps": 200, "max_frames": n, "on_full": "block", "queue": queue} for i in range(4)]
     svc = ingest.IngestService(config(redis_server, prefix, cameras=cams), port=0)
-    stream, prepared = svc.names.frames, svc.names.prepared("classify")
+    stream, prepared = svc.keys.frames, svc.keys.prepared("classify")
     svc.setup()
     try:
         wait_until(lambda: r.xlen(stream) >= 4 * queue, 10, "the cameras fill their queues")
@@ -236,7 +237,7 @@ def test_a_blocked_camera_takes_over_the_asking_when_the_poller_hands_over_witho
     monkeypatch.setattr(ingest, "BLOCKED_WAIT_S", 2.0)  # the poller's wait; a sleeper's own timeout is 4 s
     cams = [{"id": "c0", "source": "synthetic://process?w=64&h=48", "tasks": ["classify"]}]
     svc = ingest.IngestService(config(redis_server, prefix, cameras=cams), port=0)
-    ensure_group(r, svc.names.frames, Keys.PREPROCESS)  # as setup does, without starting the camera
+    ensure_group(r, svc.keys.frames, Keys.PREPROCESS)  # as setup does, without starting the camera
     far = (2**62, 0)  # a frame preprocess never reaches
     poller = threading.Thread(target=svc.wait_delivered, args=(far,), daemon=True)
     poller.start()
@@ -266,12 +267,12 @@ def test_preprocess_paused_by_infer_waits_for_its_results_instead_of_polling(red
                  streams={"prepared_backlog": 2})
     svc = pre.PreprocessService(cfg, port=0)
     svc.setup()
-    out = svc.names.prepared("classify")
+    out = svc.keys.prepared("classify")
     for seq in range(2):  # infer lags two entries: preprocess must not add more
         r.xadd(out, {"m": prepared(seq)})
     image = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     enc, data = encode(image)
-    r.xadd(svc.names.frames, {"m": Frame(camera="c1", seq=7, ts=time.time_ns(), enc=enc, shape=image.shape,
+    r.xadd(svc.keys.frames, {"m": Frame(camera="c1", seq=7, ts=time.time_ns(), enc=enc, shape=image.shape,
                                          dtype="uint8", data=data).to_msgpack(), "cam": "c1"})
 
     def loop():
@@ -288,7 +289,7 @@ def test_preprocess_paused_by_infer_waits_for_its_results_instead_of_polling(red
         assert 1 <= questions(calls) <= 2, calls  # one question, then a wait (every 20 ms: 50)
         wait_until(lambda: blocked_in_xread(r), 2, "preprocess waits in XREAD")
         r.xreadgroup("infer-classify", "test", {out: ">"}, count=2)  # infer takes its two entries...
-        r.xadd(svc.names.results, {"m": b"-"})  # ...and writes its results
+        r.xadd(svc.keys.results, {"m": b"-"})  # ...and writes its results
         wait_until(lambda: r.xlen(out) == 3, 2, "preprocess resumes when infer writes results")
         ((_, fields),) = r.xrange(out, count=1, min="(" + r.xrange(out)[1][0].decode())
         assert Prepared.from_msgpack(fields[b"m"]).seq == 7
@@ -313,13 +314,13 @@ def test_preprocess_learns_infers_backlog_from_its_own_write(redis_server, r, pr
                  streams={"prepared_backlog": 2})
     svc = pre.PreprocessService(cfg, port=0)
     svc.setup()
-    out = svc.names.prepared("classify")
+    out = svc.keys.prepared("classify")
     image = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     enc, data = encode(image)
     r.config_resetstat()
     try:
         for seq in range(3):
-            r.xadd(svc.names.frames, {"m": Frame(camera="c1", seq=seq, ts=time.time_ns(), enc=enc, shape=image.shape,
+            r.xadd(svc.keys.frames, {"m": Frame(camera="c1", seq=seq, ts=time.time_ns(), enc=enc, shape=image.shape,
                                                  dtype="uint8", data=data).to_msgpack(), "cam": "c1"})
             svc.step()
         assert r.xlen(out) == 2 and svc.backlogged()
@@ -327,7 +328,7 @@ def test_preprocess_learns_infers_backlog_from_its_own_write(redis_server, r, pr
         # one question before the first batch, one in each batch's transaction, one after the pause's wait
         assert (calls["cmdstat_exec"], questions(calls), calls["cmdstat_xreadgroup"]) == (2, 4, 2), calls
         r.xreadgroup("infer-classify", "test", {out: ">"}, count=2)  # infer catches up...
-        r.xadd(svc.names.results, {"m": b"-"})
+        r.xadd(svc.keys.results, {"m": b"-"})
         svc.step()  # ...the wait's answer says so...
         svc.step()  # ...and the third frame goes through
         assert [Prepared.from_msgpack(f[b"m"]).seq for _, f in r.xrange(out)] == [0, 1, 2]

@@ -124,7 +124,8 @@ def test_alertmanager_lists_the_alert_then_shows_it_resolved(redis_server, r, pr
     assert listed["status"]["state"] == "active" and listed["receivers"] == [{"name": "plant"}]
     assert instant(listed["startsAt"]) == instant(iso(a.ts))
     assert listed["generatorURL"] == f"https://viewer.plant.example/alerts/{a.id}"
-    wait_until(lambda: statuses(notified) == [("firing", "hot")], 20, "Alertmanager's webhook call for the firing alert",
+    wait_until(lambda: statuses(notified) == [("firing", "hot")], 20,
+               "Alertmanager's webhook call for the firing alert",
                poll=0.1)
 
     clear = resolved(a)

@@ -43,7 +43,8 @@ def test_good_sink_settings_load():
                                        state_topic=None, qos=2), environ={})
     s = cfg.alerts.sinks[0]
     assert type(s) is MqttSinkConfig
-    assert (s.topic, s.state_topic, s.qos, s.burst, s.rate_per_min) == ("site/{severity}/{camera}/{rule}", None, 2, 1, None)
+    assert (s.topic, s.state_topic, s.qos, s.burst, s.rate_per_min) == ("site/{severity}/{camera}/{rule}", None, 2, 1,
+                                                                        None)
     am = load_config(data=sink_config(type="alertmanager", url="http://am:9093"), environ={}).alerts.sinks[0]
     assert type(am) is AlertmanagerSinkConfig and am.resend_s == 60.0
 

@@ -180,8 +180,8 @@ def test_an_alert_raised_while_the_broker_is_down_is_delivered_when_it_comes_bac
 
     try:
         time.sleep(1.0)
-        assert sink.r.xpending(sink.names.alerts, "sink-cmms")["pending"] == 1  # tried, not acked
-        assert sink.r.xlen(sink.names.deadletter) == 0
+        assert sink.r.xpending(sink.keys.alerts, "sink-cmms")["pending"] == 1  # tried, not acked
+        assert sink.r.xlen(sink.keys.deadletter) == 0
         broker = Broker(tmp_path, port)
         # The sink may publish `a` before this subscriber has subscribed (it retries every 0.1-0.3 s);
         # the retained state topic then still shows `a` to the late subscriber, so either proves delivery.
@@ -201,7 +201,7 @@ def test_an_alert_raised_while_the_broker_is_down_is_delivered_when_it_comes_bac
         if broker:
             broker.close()
     assert alerts_seen(sub) == [b.id]
-    assert sink.r.xlen(sink.names.deadletter) == 0
+    assert sink.r.xlen(sink.keys.deadletter) == 0
 
 
 def test_username_and_password(redis_server, r, prefix, tmp_path, monkeypatch):

@@ -11,8 +11,16 @@ from prometheus_client import REGISTRY
 from shared.config import Config
 from shared.keys import Keys
 from shared.streams.connection import REDIS_DOWN, ensure_group
-from shared.streams.groups import (Position, ask_position, group_info, group_lag, group_position, parse_id,
-                                   position_of, wait_then_ask)
+from shared.streams.groups import (
+    Position,
+    ask_position,
+    group_info,
+    group_lag,
+    group_position,
+    parse_id,
+    position_of,
+    wait_then_ask,
+)
 from shared.streams.outbox import Outbox
 from shared.streams.producer import Producer
 from shared.streams.reader import DeadLetters, GroupReader
@@ -269,7 +277,8 @@ def test_drop_if_undelivered_to_any_of_several_groups(r, names):
     assert producer.drop_if_undelivered(third, groups) == -1
     assert [i.decode() for i, _f in r.xrange(names.frames)] == [first, third]
     assert producer.drop_if_undelivered(third, ["nobody", "infer-classify"]) == -1
-    assert producer.drop_if_undelivered(third, ["nobody", "infer-detect"]) == 1  # a group that does not exist has read nothing
+    assert producer.drop_if_undelivered(third, ["nobody",
+                                                "infer-detect"]) == 1  # a group that does not exist has read nothing
 
 
 def test_group_lag_counts_undelivered(r, names):

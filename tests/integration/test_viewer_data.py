@@ -14,8 +14,8 @@ import uuid
 import numpy as np
 import pytest
 
-from shared.acks import acknowledge
 from services.viewer.data import ViewerData, valid_alert_id
+from shared.acks import acknowledge
 from shared.config import load_config
 from shared.imaging import encode
 from shared.keys import Keys
@@ -48,10 +48,10 @@ class Writer:
     """Writes the three streams as ingest (frames), infer (results) and alert (alerts) do."""
 
     def __init__(self, r, prefix: str):
-        self.r, self.names = r, Keys(prefix)
-        self.frames = Producer(r, self.names.frames, maxlen=2000)
-        self.results = Producer(r, self.names.results, maxlen=10000)
-        self.alerts = Producer(r, self.names.alerts, max_age_s=30 * 86400)
+        self.r, self.keys = r, Keys(prefix)
+        self.frames = Producer(r, self.keys.frames, maxlen=2000)
+        self.results = Producer(r, self.keys.results, maxlen=10000)
+        self.alerts = Producer(r, self.keys.alerts, max_age_s=30 * 86400)
         self.seq: dict[str, int] = {}
 
     def frame(self, camera: str, image: np.ndarray) -> tuple[str, Frame]:
@@ -68,7 +68,7 @@ class Writer:
         if entry_id is None:
             self.results.add(res.to_msgpack(), cam=camera, task=task)
         else:  # an entry written in the past: the same fields, an explicit id
-            self.r.xadd(self.names.results, self.results.fields(res.to_msgpack(), camera, task), id=entry_id)
+            self.r.xadd(self.keys.results, self.results.fields(res.to_msgpack(), camera, task), id=entry_id)
         return res
 
     def alert(self, alert: Alert) -> Alert:
@@ -112,7 +112,7 @@ def test_latest_results_are_the_newest_per_camera_and_task_past_other_cameras(en
     w.result("press-1", "classify", f0, 0, classify_out(0.1))  # older than the next one: passed over
     detect = w.result("press-1", "detect", f0, 0, detect_out([1, 2, 30, 40, 0.9, 1]))
     classify = w.result("press-1", "classify", f1, 1, classify_out(0.8))
-    r.xadd(w.names.results, {"m": b"\xc1 not msgpack", "cam": "press-1", "task": "classify"})  # skipped
+    r.xadd(w.keys.results, {"m": b"\xc1 not msgpack", "cam": "press-1", "task": "classify"})  # skipped
     line = w.result("line-1", "segment", "1-0", 0, {"defect_ratio": 0.25, "regions": []})
     kiln = [w.result("kiln-1", "thermal", f"{2 + i}-0", i, thermal_out(300.0 + i)) for i in range(200)]
     w.result("ghost-1", "thermal", "9-0", 0, thermal_out(999.0))  # not a configured camera
@@ -148,11 +148,11 @@ def test_picture_is_the_frame_of_the_newest_result_with_every_tasks_result(env, 
     # a camera with frames but no results yet: its newest frame, bare
     image, results, frame_id = data.picture("kiln-1")
     assert results == {} and abs(int(np.median(image)) - 91) <= 2
-    assert Frame.from_msgpack(r.xrange(w.names.frames, frame_id, frame_id)[0][1][b"m"]).camera == "kiln-1"
+    assert Frame.from_msgpack(r.xrange(w.keys.frames, frame_id, frame_id)[0][1][b"m"]).camera == "kiln-1"
     assert data.picture("line-1") is None  # nothing at all
 
     # the newest result's frame trimmed away: the camera's newest frame, without results of other frames
-    r.xdel(w.names.frames, f1)
+    r.xdel(w.keys.frames, f1)
     image, results, frame_id = data.picture("press-1")
     assert (frame_id, results) == (f2, {}) and abs(int(np.median(image)) - 200) <= 2
 

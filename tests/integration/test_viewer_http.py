@@ -47,16 +47,16 @@ class Viewer:
             "models": {"classify": {"arch": "simple_cnn"}},
             "alerts": {"evidence_dir": str(tmp_path / "evidence")}},
             environ={})
-        self.r, self.names = r, Keys(prefix)
+        self.r, self.keys = r, Keys(prefix)
         tokens = Tokens({"PLANTSIGHT_VIEWER_TOKEN": READ, "PLANTSIGHT_VIEWER_OPERATOR_TOKEN": OPERATOR})
         self.port = free_port()
         self.svc = ViewerService(self.cfg, tokens=tokens, port=self.port)
         self.svc._connect()
         self.svc.start_http()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.frames = Producer(r, self.names.frames, maxlen=2000)
-        self.results = Producer(r, self.names.results, maxlen=10000)
-        self.alerts = Producer(r, self.names.alerts, max_age_s=86400)
+        self.frames = Producer(r, self.keys.frames, maxlen=2000)
+        self.results = Producer(r, self.keys.results, maxlen=10000)
+        self.alerts = Producer(r, self.keys.alerts, max_age_s=86400)
         self.seq = 0
         self.client = httpx.Client(timeout=10, follow_redirects=False)  # one client: a fresh one per call is slow
 
@@ -288,7 +288,7 @@ def test_frame_jpeg_is_the_picture_at_the_frame_size_with_overlays(viewer):
     got = cv2.cvtColor(cv2.imdecode(np.frombuffer(resp.content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert got.shape == image.shape
 
-    (_, fields), = viewer.r.xrange(viewer.names.frames, frame_id, frame_id)
+    (_, fields), = viewer.r.xrange(viewer.keys.frames, frame_id, frame_id)
     base = decode_frame(Frame.from_msgpack(fields[b"m"]))
     want = draw(base, {"detect": DETECT, "classify": CLASSIFY}, {"belt": BELT})
     assert float(np.abs(got.astype(int) - want.astype(int)).mean()) < 4.0  # the same picture, JPEG apart

@@ -32,7 +32,7 @@ def secret_env(monkeypatch):
 
 
 def verify(headers: dict, body: bytes, secret: str, max_age_s: int = 300) -> bool:
-    """What a receiver does (README, Sinks): HMAC-SHA256 over "<timestamp>.<body>", timestamp recent."""
+    """What a receiver does (docs/alerts.md, Sinks): HMAC-SHA256 over "<timestamp>.<body>", timestamp recent."""
     stamp = headers["X-Plantsight-Timestamp"]
     if abs(time.time() - int(stamp)) > max_age_s:
         return False
@@ -43,7 +43,8 @@ def verify(headers: dict, body: bytes, secret: str, max_age_s: int = 300) -> boo
 def test_delivery_is_signed_and_retried_with_backoff(redis_server, r, prefix):
     rx = Receiver([500, 503, 200])
     try:
-        r2, names = run_sink(redis_server, prefix, rx.url, [alert()], lambda r_, n: len(rx.requests) >= 3 and acked(r_, n))
+        r2, names = run_sink(redis_server, prefix, rx.url, [alert()],
+                             lambda r_, n: len(rx.requests) >= 3 and acked(r_, n))
     finally:
         rx.close()
     assert len(rx.requests) == 3
@@ -89,8 +90,8 @@ def test_an_unreachable_receiver_is_retried_then_dead_lettered(redis_server, r, 
 def test_a_slow_receiver_times_out_and_the_alert_is_retried(redis_server, r, prefix):
     rx = Receiver([200, 200], delays=[1.5, 0])
     try:
-        r2, names = run_sink(redis_server, prefix, rx.url, [alert(4)], lambda r_, n: len(rx.requests) >= 2 and acked(r_, n),
-                             timeout_s=0.5)
+        r2, names = run_sink(redis_server, prefix, rx.url, [alert(4)],
+                             lambda r_, n: len(rx.requests) >= 2 and acked(r_, n), timeout_s=0.5)
     finally:
         rx.close()
     assert len(rx.requests) == 2 and r2.xlen(names.deadletter) == 0
@@ -283,7 +284,7 @@ def test_an_alert_being_retried_is_not_taken_over_by_another_replica(redis_serve
             two.stop()
         rx.close()
     assert [h["Idempotency-Key"] for _, h, _ in rx.requests] == [alert(12).id] * 4
-    assert r.xlen(one.names.deadletter) == 0
+    assert r.xlen(one.keys.deadletter) == 0
 
 
 def test_a_header_naming_an_unset_variable_stops_the_start(redis_server, r, prefix, monkeypatch):

@@ -61,24 +61,24 @@ class RunningSink:
                        "sinks": [sink], **(alerts_cfg or {})}},
             environ={})
         self.r = connect(cfg.redis)
-        self.names = Keys(prefix)
+        self.keys = Keys(prefix)
         for a in alerts:
             self.add(a)
-        ensure_group(self.r, self.names.alerts, "sink-cmms")  # before ``until`` asks about it (the worker would, later)
-        dead = DeadLetters(self.r, self.names, 3600, "alert")
-        reader = GroupReader(self.r, self.names.alerts, "sink-cmms", consumer, dead=dead, count=16, block_ms=100,
+        ensure_group(self.r, self.keys.alerts, "sink-cmms")  # before ``until`` asks about it (the worker would, later)
+        dead = DeadLetters(self.r, self.keys, 3600, "alert")
+        reader = GroupReader(self.r, self.keys.alerts, "sink-cmms", consumer, dead=dead, count=16, block_ms=100,
                              claim_idle_ms=claim_idle_ms, max_deliveries=3, max_bytes=1 << 20)
         self.halt = threading.Event()
         self.worker = SinkWorker(cfg, cfg.alerts.sinks[0], reader, dead, self.halt)
         self.worker.start()
 
     def add(self, a: Alert) -> None:
-        self.r.xadd(self.names.alerts, {"m": a.to_msgpack()})
+        self.r.xadd(self.keys.alerts, {"m": a.to_msgpack()})
 
     def until(self, check, timeout=30.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if check(self.r, self.names):
+            if check(self.r, self.keys):
                 return True
             time.sleep(0.05)
         return False
@@ -96,7 +96,7 @@ def run_sink(redis_server, prefix, url, alerts: list[Alert], wait_for, timeout=3
         sink.until(wait_for, timeout)
     finally:
         sink.stop()
-    return sink.r, sink.names
+    return sink.r, sink.keys
 
 
 def acked(r, names) -> bool:

@@ -13,8 +13,15 @@ import cv2
 import numpy as np
 import pytest
 
-from services.ingest.cameras import (SOURCE_TYPES, Backoff, CameraSource, Encoded, SourceError, classify_source,
-                                     open_source)
+from services.ingest.cameras import (
+    SOURCE_TYPES,
+    Backoff,
+    CameraSource,
+    Encoded,
+    SourceError,
+    classify_source,
+    open_source,
+)
 from shared.data.scenes import make_scene
 from shared.imaging import encode
 
@@ -312,7 +319,8 @@ def _camera_workers(monkeypatch, *ids: str, fps: float):
     svc = types.SimpleNamespace(r=redis.Redis(), names=types.SimpleNamespace(frames="t:frames"),
                                 cfg=types.SimpleNamespace(streams=types.SimpleNamespace(frames_maxlen=10)),
                                 log=logging.getLogger("test"))
-    return clock, [ingest.CameraWorker(svc, CameraConfig(id=i, source="synthetic://process", fps=fps, tasks=["classify"]))
+    return clock, [ingest.CameraWorker(svc, CameraConfig(id=i, source="synthetic://process", fps=fps,
+                                                         tasks=["classify"]))
                    for i in ids]
 
 

@@ -255,7 +255,7 @@ def test_invalid_yaml_and_non_mapping_name_the_path(tmp_path):
         load_config(listing, environ={})
 
 
-# --- alert rules: zones, params and overrides, lifecycle fields (issue 6) ---------------------------
+# --- alert rules: zones, params and overrides, lifecycle fields ----------------------------------
 
 def with_zone(d, zones=None, **rule):
     d["cameras"][0]["zones"] = zones if zones is not None else {"burner": [[10, 10], [60, 10], [60, 50], [10, 50]]}

@@ -10,7 +10,12 @@ import torch
 
 from shared.models import DEFAULT_CLASSES, Predictor, build, describe
 from shared.models.detect_af import (
-    STRIDES, AnchorFreeDet, anchor_free_loss, anchor_free_targets, decode_anchor_free, level_points,
+    STRIDES,
+    AnchorFreeDet,
+    anchor_free_loss,
+    anchor_free_targets,
+    decode_anchor_free,
+    level_points,
 )
 
 NC = len(DEFAULT_CLASSES["detect"])

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from shared.models import ModelError, Predictor, build, default_meta, load_model_dir, save_model_dir
-from shared.training.commands import add_parsers
 from shared.models.export import ExportError, OnnxModule, export_model, export_module
+from shared.training.commands import add_parsers
 
 # Small inputs where the network allows them; SimpleYOLO keeps its 448 input (14×14 grid) at 1/8 width.
 CASES = {
@@ -163,7 +163,8 @@ class BatchBaked(nn.Module):
         return y if x.shape[0] == 2 else y + 1
 
 
-@pytest.mark.parametrize("fmt,match", [("torchscript", "differs from the eager one by 1"), ("onnx", "fails on a random batch of 3")])
+@pytest.mark.parametrize("fmt,match", [("torchscript", "differs from the eager one by 1"),
+                                       ("onnx", "fails on a random batch of 3")])
 def test_an_export_that_does_not_match_eager_is_refused_and_removed(tmp_path, fmt, match):
     path = tmp_path / f"bad.{fmt}"
     with warnings.catch_warnings():

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from shared.models import ModelError, Predictor, build, default_meta, save_model_dir
-from shared.training.commands import add_parsers
-from shared.models.gradcam import conv_layers, gradcam, overlay
-from shared.training.explain import explain_image
 from shared.imaging import stretch
+from shared.models import ModelError, Predictor, build, default_meta, save_model_dir
+from shared.models.gradcam import conv_layers, gradcam, overlay
+from shared.training.commands import add_parsers
+from shared.training.explain import explain_image
 
 SIZE = 32
 RED = (slice(4, 14), slice(2, 12))      # rows, cols of the red square (100 px)
@@ -207,7 +207,8 @@ def test_explain_command_exit_codes(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "img.png"), np.full((50, 70, 3), 90, np.uint8))
     p = argparse.ArgumentParser(prog="plantsight")
     add_parsers(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(["explain", "--model", str(model_dir), str(tmp_path / "img.png"), "--out", str(tmp_path / "o.png")])
+    args = p.parse_args(["explain", "--model", str(model_dir), str(tmp_path / "img.png"), "--out",
+                         str(tmp_path / "o.png")])
     assert args.fn(args) == 0
     assert cv2.imread(str(tmp_path / "o.png")).shape == (50, 70, 3)
     assert "features.2.0" in capsys.readouterr().out

@@ -206,11 +206,11 @@ def test_jpeg_reduction_picks_the_largest_factor_that_only_scales_down_and_divid
                                            ("classify", (112, 112), (64, 32, 320, 256)),
                                            ("segment", (128, 128), (64, 32, 320, 256))])
 def test_a_reduced_decode_gives_the_same_letterbox_and_roi_and_close_pixels(task, size, roi):
-    from shared.prepare import SPATIAL, prepare
     from shared.config import CameraConfig
     from shared.data.scenes import scene_from_source
     from shared.imaging import jpeg_reduction
     from shared.messages import Frame
+    from shared.prepare import SPATIAL, prepare
 
     img, _ = scene_from_source("synthetic://surface?w=640&h=480&seed=3").render(0)
     enc, data = encode(img, 95)

@@ -8,11 +8,27 @@ import pytest
 import torch
 
 from shared.models import (
-    ARCHS, DEFAULT_CLASSES, ModelError, ModelMeta, Predictor, SimpleYOLO, build, decode_yolo, default_meta,
-    describe, dice_bce_loss, find_hotspots, load_model_dir, radiometric_stats, register, save_model_dir, yolo_loss,
+    ARCHS,
+    DEFAULT_CLASSES,
+    ModelError,
+    ModelMeta,
+    Predictor,
+    SimpleYOLO,
+    build,
+    decode_yolo,
+    default_meta,
+    describe,
+    dice_bce_loss,
+    find_hotspots,
+    load_model_dir,
+    radiometric_stats,
+    register,
+    save_model_dir,
+    yolo_loss,
 )
 
-ALL_ARCHS = {"simple_cnn", "resnet18", "resnet50", "efficientnet_b0", "simple_yolo", "anchor_free", "unet", "unet_small",
+ALL_ARCHS = {"simple_cnn", "resnet18", "resnet50", "efficientnet_b0", "simple_yolo", "anchor_free", "unet",
+             "unet_small",
              "thermal_cnn"}
 
 
@@ -351,7 +367,8 @@ def test_predictor_refuses_wrong_task_spec_and_batch(thermal_dir):
 
 
 def test_chapter_output_shapes():
-    """The chapter's shapes: SimpleYOLO [4,14,14,11] at 448 (1 class, 2 boxes), U-Net [4,1,256,256], ThermalCNN [B,3]."""
+    """The chapter's shapes: SimpleYOLO [4,14,14,11] at 448 (1 class, 2 boxes), U-Net [4,1,256,256],
+    ThermalCNN [B,3]."""
     with torch.no_grad():
         assert tuple(build("simple_yolo", num_classes=1).eval()(torch.randn(4, 3, 448, 448)).shape) == (4, 14, 14, 11)
         unet = build("unet").to("meta").eval()  # full width: shapes only, on the meta device

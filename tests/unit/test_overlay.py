@@ -14,8 +14,18 @@ from services.inference.postprocess import to_original
 from shared.data.scenes import make_scene
 from shared.imaging import letterbox
 from shared.messages import Prepared
-from shared.overlay import (BOX_COLOURS, HOTSPOT_COLOUR, MASK_COLOUR, TEXT_BG, ZONE_COLOUR, ZONE_HIGHLIGHT,
-                            decode_mask, draw, encode_jpeg, render_base)
+from shared.overlay import (
+    BOX_COLOURS,
+    HOTSPOT_COLOUR,
+    MASK_COLOUR,
+    TEXT_BG,
+    ZONE_COLOUR,
+    ZONE_HIGHLIGHT,
+    decode_mask,
+    draw,
+    encode_jpeg,
+    render_base,
+)
 
 DETECT_CLASSES = ["pump", "valve", "motor", "leak", "hot_spot"]
 

@@ -92,8 +92,12 @@ def test_process_labels_and_separability():
     for q in (5, 25, 45, 65, 85):
         n_img, a_img = normal.render(q)[0].astype(int), anom.render(q)[0].astype(int)
         kind = anom.render(q)[1]["kind"]
-        white = lambda im: int(((im.min(axis=2) > 195) & (np.ptp(im, axis=2) < 25)).sum())
-        purple = lambda im: int(((im[..., 2] > im[..., 1] + 30) & (im[..., 0] > im[..., 1] + 30)).sum())
+        def white(im):
+            return int(((im.min(axis=2) > 195) & (np.ptp(im, axis=2) < 25)).sum())
+
+        def purple(im):
+            return int(((im[..., 2] > im[..., 1] + 30) & (im[..., 0] > im[..., 1] + 30)).sum())
+
         if kind == "foaming":
             assert white(a_img) > white(n_img) + 1000
         else:

@@ -14,11 +14,10 @@ import torch
 from shared.data.scenes import make_scene
 from shared.models import Predictor, build, default_meta, load_model_dir
 from shared.models.thermal import KELVIN_STD
-from shared.training.evaluate import evaluate
-from shared.training.train import train
 from shared.training.augment import PreparedDataset, augment, collate, letterbox_boxes, prepare, unletterbox_mask
 from shared.training.commands import add_parsers
-from shared.training.train import compute_loss, seed_everything, train_step
+from shared.training.evaluate import evaluate
+from shared.training.train import compute_loss, seed_everything, train, train_step
 
 SCENE = {"classify": "process", "detect": "equipment", "segment": "surface", "thermal": "thermal"}
 

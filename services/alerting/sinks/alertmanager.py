@@ -22,11 +22,18 @@ import time
 
 import httpx
 
+from services.alerting.sinks.base import (
+    KEEP_RESOLVED_S,
+    Context,
+    Delivery,
+    EpisodeBook,
+    HttpTarget,
+    json_bytes,
+    links,
+    post,
+)
 from shared.config_sinks import AlertmanagerSinkConfig
 from shared.messages import Alert
-
-from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, HttpTarget, json_bytes,
-                                          links, post)
 from shared.templates import episode_of, iso_time
 
 log = logging.getLogger("plantsight.alert.sinks")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import httpx
 
+from services.alerting.sinks.base import Context, HttpTarget, describe, json_bytes, links, post
 from shared.config_sinks import SlackSinkConfig, TeamsSinkConfig
 from shared.messages import Alert
-
-from services.alerting.sinks.base import Context, HttpTarget, describe, json_bytes, links, post
 from shared.templates import iso_time
 
 ICON = {"critical": "🔴", "warning": "🟠", "info": "🔵"}

@@ -25,12 +25,10 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from services.alerting.sinks.base import KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, Target, json_bytes, links
 from shared.config import ConfigError
 from shared.config_sinks import MqttSinkConfig
 from shared.messages import Alert
-
-from services.alerting.sinks.base import (KEEP_RESOLVED_S, Context, Delivery, EpisodeBook, Target, json_bytes,
-                                          links)
 from shared.templates import alert_json, episode_of, iso_time
 
 log = logging.getLogger("plantsight.alert.sinks")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from shared.config_sinks import Sink
-from shared.messages import Alert
-
 from services.alerting.sinks.alertmanager import AlertmanagerSink
 from services.alerting.sinks.base import Context, Target
 from services.alerting.sinks.chat import SlackSink, TeamsSink
 from services.alerting.sinks.mqtt import MqttSink
 from services.alerting.sinks.webhook import WebhookSink
+from shared.config_sinks import Sink
+from shared.messages import Alert
 
 log = logging.getLogger("plantsight.alert.sinks")
 

@@ -14,12 +14,11 @@ import time
 
 import httpx
 
+from services.alerting.sinks.base import Context, Delivery, HttpTarget, json_bytes, links, post
+from shared import templates
 from shared.config import ConfigError
 from shared.config_sinks import WebhookSinkConfig
 from shared.messages import Alert
-
-from shared import templates
-from services.alerting.sinks.base import Context, Delivery, HttpTarget, json_bytes, links, post
 from shared.templates import alert_json
 
 

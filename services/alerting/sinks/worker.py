@@ -17,6 +17,8 @@ import threading
 import time
 
 from services.alerting.health import HEALTH_RULES
+from services.alerting.sinks.base import Context, Delivery, Target, TokenBucket
+from services.alerting.sinks.registry import make_target
 from shared import metrics
 from shared.config import Config
 from shared.config_sinks import Sink
@@ -24,9 +26,6 @@ from shared.messages import Alert, DecodeError
 from shared.streams.connection import REDIS_DOWN
 from shared.streams.outbox import Outbox
 from shared.streams.reader import DeadLetters, Entry, GroupReader
-
-from services.alerting.sinks.base import Context, Delivery, Target, TokenBucket
-from services.alerting.sinks.registry import make_target
 
 log = logging.getLogger("plantsight.alert.sinks")
 SHUTDOWN = "shutdown before delivery"
