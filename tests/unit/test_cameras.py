@@ -316,7 +316,7 @@ def _camera_workers(monkeypatch, *ids: str, fps: float):
 
     clock = [1000.0]
     monkeypatch.setattr(ingest.time, "time", lambda: clock[0])
-    svc = types.SimpleNamespace(r=redis.Redis(), names=types.SimpleNamespace(frames="t:frames"),
+    svc = types.SimpleNamespace(r=redis.Redis(), keys=types.SimpleNamespace(frames="t:frames"),
                                 cfg=types.SimpleNamespace(streams=types.SimpleNamespace(frames_maxlen=10)),
                                 log=logging.getLogger("test"))
     return clock, [ingest.CameraWorker(svc, CameraConfig(id=i, source="synthetic://process", fps=fps,
