@@ -40,7 +40,7 @@ print(json.dumps({"python_threads": mid - before, "torch": native_thread_cpu_s()
 
 def test_native_thread_cpu_counts_torch_workers_and_not_python_threads():
     """The Python worker is measured while it is alive: one joined a moment before may still be in /proc,
-    and on a loaded machine its 0.29 s counted as native (CI, twice). In a process of its own, so that
+    where a loaded machine would count its CPU as native. In a process of its own, so that
     native threads earlier tests left in the session (ONNX Runtime's, OpenMP's) cannot add their CPU."""
     done = subprocess.run([sys.executable, "-c", MEASURE], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
