@@ -188,6 +188,34 @@ def cmd_models_deploy(args) -> int:
     return 0 if not args.wait else 1
 
 
+def cmd_models_import(args) -> int:
+    """Turn an ONNX or TorchScript file into a model directory the pipeline loads (``shared.models.imported``)."""
+    from shared.models.imported import import_model
+    from shared.models.registry import ModelError
+
+    norm = args.normalisation
+    if norm and "/" in norm:
+        try:
+            mean, std = ([float(v) for v in part.split(",")] for part in norm.split("/"))
+        except ValueError:
+            print(f"plantsight models import: --normalisation {norm!r}: give imagenet, unit or "
+                  "MEAN,MEAN,MEAN/STD,STD,STD", file=sys.stderr)
+            return 2
+        norm = {"mean": mean, "std": std}
+    try:
+        meta = import_model(args.file, args.task, args.out, names=args.names, input_size=args.input_size,
+                            normalisation=norm, layout=args.layout)
+    except ModelError as e:
+        print(f"plantsight models import: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {meta.task} model {meta.arch}@{meta.version} ({meta.format}, layout {meta.layout}, "
+          f"{len(meta.classes)} classes, input {meta.input_size[0]}x{meta.input_size[1]})", file=sys.stderr)
+    print(json.dumps({"dir": str(args.out), "task": meta.task, "model": f"{meta.arch}@{meta.version}",
+                      "format": meta.format, "layout": meta.layout, "classes": meta.classes,
+                      "input_size": list(meta.input_size), "normalisation": meta.normalisation}))
+    return 0
+
+
 def cmd_bench(args) -> int:
     # bench sits above the services: it is found through its entry point, never imported from here.
     found = entry_points(group="plantsight.commands", name="bench")
@@ -262,6 +290,20 @@ def parser() -> argparse.ArgumentParser:
     dep.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                      help="wait this long for infer to report the switch (or the refusal)")
     dep.set_defaults(fn=cmd_models_deploy)
+    imp = msub.add_parser("import", help="turn an ONNX or TorchScript file (an Ultralytics YOLO export, say) into "
+                                         "a model directory")
+    imp.add_argument("file", help="the model file (.onnx, or TorchScript saved by torch.jit.save)")
+    imp.add_argument("--task", required=True, choices=TASKS)
+    imp.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    imp.add_argument("--names", nargs="+", metavar="NAME", help="class names, in the network's order "
+                                                                "(default: the file's own, else class0, class1, …)")
+    imp.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                     help="the network's input size (default: the file's own)")
+    imp.add_argument("--normalisation", metavar="N",
+                     help="imagenet, unit (pixels/255) or MEAN,MEAN,MEAN/STD,STD,STD (default: unit for Ultralytics "
+                          "files, else imagenet)")
+    imp.add_argument("--layout", help="what the output holds (default: worked out from the file; docs/models.md)")
+    imp.set_defaults(fn=cmd_models_import)
 
     be = sub.add_parser("bench",
                         help="benchmarks: pipeline, transport, ingest, engines, soak, quality (JSON on stdout)",

@@ -33,7 +33,8 @@ CAMERA_FPS = Gauge("plantsight_camera_fps", "Frames per second read from a camer
 ALERTS = Counter("plantsight_alerts", "Alerts raised", ["rule", "severity"])
 SINK_DELIVERIES = Counter("plantsight_sink_deliveries", "Alert deliveries by sink and outcome", ["sink", "outcome"])
 DEADLETTER = Counter("plantsight_deadletter", "Entries sent to the dead-letter stream", ["stage", "reason"])
-MODEL_INFO = Gauge("plantsight_model_info", "The model a task runs (value 1)", ["task", "model", "version", "device"])
+MODEL_INFO = Gauge("plantsight_model_info", "The model a task runs (value 1) and the runtime that runs it",
+                   ["task", "model", "version", "device", "runtime"])
 REDIS_UP = Gauge("plantsight_redis_up", "1 while this service reaches Redis", ["service"])
 
 

@@ -88,7 +88,7 @@ class InferService(Service):
                                  max_bytes=s.max_message_bytes)
             self.runners.append(TaskRunner(task, predictor, reader))
             metrics.MODEL_INFO.labels(task=task, model=predictor.arch, version=predictor.version,
-                                      device=self.device).set(1)
+                                      device=self.device, runtime=predictor.runtime_label).set(1)
             metrics.BATCH_SIZE.labels(task=task)
             metrics.END_TO_END.labels(task=task)
             self.log.info("%s: %s on %s (engine %s)", task, predictor.name, self.device, predictor.engine)

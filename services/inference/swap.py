@@ -133,10 +133,11 @@ class ModelSwapper:
             self.refused.pop(run.task, None)
             dev = self.svc.device
             try:
-                metrics.MODEL_INFO.remove(run.task, old.arch, old.version, dev)
-            except KeyError:
+                metrics.MODEL_INFO.remove(run.task, old.arch, old.version, dev, old.runtime_label)
+            except KeyError:  # the series was never set for this model: nothing to drop
                 pass
-            metrics.MODEL_INFO.labels(task=run.task, model=new.arch, version=new.version, device=dev).set(1)
+            metrics.MODEL_INFO.labels(task=run.task, model=new.arch, version=new.version, device=dev,
+                                      runtime=new.runtime_label).set(1)
             self.svc.log.info("%s: switched from %s to %s", run.task, old.name, new.name)
             try:
                 self._publish(run.task, new, path)

@@ -10,21 +10,23 @@ as it is: a directory holding `model.json` and `model.onnx` (with or without `mo
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .modeldir import META, ModelMeta, load_meta, load_model_dir
+from .modeldir import META, ONNX, TORCHSCRIPT, ModelMeta, load_meta, load_model_dir
 from .registry import ModelError
+
+log = logging.getLogger("plantsight.models")
 
 __all__ = ["FORMATS", "ONNX", "TORCHSCRIPT", "ExportError", "OnnxModule", "export_model", "export_module",
            "load_onnx_dir", "ort_providers"]
 
-ONNX = "model.onnx"
-TORCHSCRIPT = "model.ts"
 FORMATS = {"onnx": ONNX, "torchscript": TORCHSCRIPT}
 OPSET = 18
 ATOL = 1e-3
@@ -149,15 +151,28 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out: str | os.PathLike 
 
 
 # --- running ONNX models -------------------------------------------------------------------------
-def ort_providers(device: str | torch.device = "cpu") -> list:
-    """ONNX Runtime providers: CUDA first where ORT has it and the device is a CUDA one, then the CPU."""
+def ort_providers(device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None) -> tuple[list, str]:
+    """(ONNX Runtime providers, best first, and why the first one): on a CUDA device TensorRT where the installed
+    ORT offers it (its engines cached in ``cache_dir``, so a restart does not rebuild them), then CUDA; the CPU
+    always last."""
     import onnxruntime as ort  # noqa: PLC0415 (ONNX Runtime loads only for ONNX models)
 
     device = torch.device(device)
+    available = ort.get_available_providers()
     providers: list = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    if device.type != "cuda":
+        return providers, "the device is the CPU"
+    why = "the device is CUDA"
+    if "CUDAExecutionProvider" in available:
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    return providers
+    else:
+        why = "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+    if "TensorrtExecutionProvider" in available and cache_dir is not None:
+        providers.insert(0, ("TensorrtExecutionProvider", {
+            "device_id": device.index or 0, "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache_dir), "trt_fp16_enable": True}))
+        why += " and this onnxruntime offers TensorRT"
+    return providers, why
 
 
 class OnnxModule(nn.Module):
@@ -177,15 +192,26 @@ class OnnxModule(nn.Module):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, torch.get_num_threads())  # the same budget as torch's
         opts.log_severity_level = 3
+        providers, why = ort_providers(device, cache_dir=self.path.parent / "tensorrt-cache")
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=ort_providers(device))
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
             raise ModelError(f"{self.path}: not a loadable ONNX model: {e}") from e
-        self.input_name = self.session.get_inputs()[0].name
+        self.provider = self.session.get_providers()[0]
+        log.info("%s: ONNX Runtime runs it on %s (%s)", self.path, self.provider, why)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        # Exports often fix the batch at 1 (Ultralytics' default): such a network runs image by image.
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        y = self.session.run(None, {self.input_name: feed})[0]
+        if self.fixed_batch is None or self.fixed_batch == len(feed):
+            y = self.session.run(None, {self.input_name: feed})[0]
+        elif self.fixed_batch == 1:
+            y = np.concatenate([self.session.run(None, {self.input_name: feed[i:i + 1]})[0] for i in range(len(feed))])
+        else:
+            raise ModelError(f"{self.path}: takes batches of exactly {self.fixed_batch}, not {len(feed)}")
         return torch.from_numpy(y).to(x.device)
 
     def extra_repr(self) -> str:

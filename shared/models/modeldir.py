@@ -17,6 +17,8 @@ from .registry import DEFAULT_CLASSES, ModelError, build, get
 __all__ = ["ModelError", "ModelMeta", "default_meta", "save_model_dir", "load_model_dir", "WEIGHTS", "META"]
 
 WEIGHTS = "model.pt"
+ONNX = "model.onnx"
+TORCHSCRIPT = "model.ts"
 META = "model.json"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -29,9 +31,29 @@ DEFAULT_THRESHOLDS = {
 _REQUIRED = ("task", "arch", "input_size", "channels", "classes", "normalisation", "thresholds", "version")
 
 
+# What an imported model's output holds, per task (``format`` onnx or torchscript; ``shared/models/imported.py``).
+LAYOUTS = {
+    "classify": {"logits": "[B, classes] scores (softmax applied here)",
+                 "probs": "[B, classes] probabilities (Ultralytics classify)"},
+    "detect": {"yolo": "[B, 4 + classes, N]: cx, cy, w, h in input pixels, then class scores (Ultralytics "
+                       "YOLOv5u/v8/v11 detect, no NMS in the graph)",
+               "yolo_nms": "[B, N, 6]: x1, y1, x2, y2, score, class in input pixels (Ultralytics nms=True or "
+                           "end-to-end)"},
+    "segment": {"logits": "[B, 1, H, W] defect logits, or [B, C, H, W] class logits with class 0 the background",
+                "probs": "[B, 1, H, W] defect probabilities, or [B, C, H, W] class probabilities"},
+    "thermal": {"kelvin": "[B, 3]: max, avg and min temperature in kelvin"},
+}
+FILES = {"pt": WEIGHTS, "onnx": ONNX, "torchscript": TORCHSCRIPT}  # format -> the file that holds the network
+
+
 @dataclass
 class ModelMeta:
-    """What `model.json` says about a model; `options` are extra builder arguments (e.g. width)."""
+    """What `model.json` says about a model; `options` are extra builder arguments (e.g. width).
+
+    ``format`` says which file holds the network: ``pt`` (a state dict of one of plantsight's architectures),
+    ``onnx`` or ``torchscript`` (an imported network, whose ``arch`` is a free name and whose ``layout``
+    says what its output holds).
+    """
 
     task: str
     arch: str
@@ -43,6 +65,12 @@ class ModelMeta:
     version: str
     metrics: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    format: str = "pt"
+    layout: str = ""
+
+    @property
+    def imported(self) -> bool:
+        return self.format != "pt"
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -67,12 +95,20 @@ class ModelMeta:
 
         if d["task"] not in TASKS:
             raise bad("task", f"must be one of {', '.join(TASKS)}")
-        try:
-            info = get(d["arch"])
-        except ModelError as e:
-            raise ModelError(f"{source}: {e}") from None
-        if info.task != d["task"]:
-            raise bad("arch", f"is a {info.task} architecture, not {d['task']}")
+        fmt = d.get("format", "pt")
+        if fmt not in FILES:
+            raise bad("format", f"must be one of {', '.join(FILES)}")
+        if fmt == "pt":
+            try:
+                info = get(d["arch"])
+            except ModelError as e:
+                raise ModelError(f"{source}: {e}") from None
+            if info.task != d["task"]:
+                raise bad("arch", f"is a {info.task} architecture, not {d['task']}")
+        elif d.get("layout") not in LAYOUTS[d["task"]]:
+            raise bad("layout", f"must be one of {', '.join(LAYOUTS[d['task']])} for an imported {d['task']} model")
+        if not (isinstance(d["arch"], str) and d["arch"]):
+            raise bad("arch", "must be a name")
         size = d["input_size"]
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise bad("input_size", "must be [h, w] with positive integers")
@@ -101,7 +137,7 @@ class ModelMeta:
             task=d["task"], arch=d["arch"], input_size=(size[0], size[1]), channels=d["channels"],
             classes=list(d["classes"]), normalisation={"mean": list(norm["mean"]), "std": list(norm["std"])},
             thresholds=dict(th), version=str(d["version"]), metrics=dict(d.get("metrics", {})),
-            options=dict(d.get("options", {})),
+            options=dict(d.get("options", {})), format=fmt, layout=str(d.get("layout", "")),
         )
 
 

@@ -10,9 +10,11 @@ from torch import nn
 
 from .detect import decode_yolo
 from .detect_af import decode_anchor_free
+from .detect_ultralytics import decode_ultralytics
 from .export import ONNX, load_onnx_dir
-from .modeldir import WEIGHTS, ModelMeta, build_for, default_meta, load_model_dir
+from .modeldir import WEIGHTS, ModelMeta, build_for, default_meta, load_meta, load_model_dir
 from .registry import ModelError
+from .runtimes import load_imported
 from .thermal import find_hotspots, radiometric_stats, to_kelvin
 
 # Thermal frames that arrive as centikelvin integers; uint8 ones carry no temperature.
@@ -53,6 +55,11 @@ class Predictor:
         return torch.randn(batch, self.meta.channels, *self.input_size(), generator=gen).to(self.device)
 
     @property
+    def runtime_label(self) -> str:
+        """What runs the network: torch, torchscript, or onnxruntime with its execution provider."""
+        return f"onnxruntime/{self.model.provider}" if self.runtime == "onnx" else self.runtime
+
+    @property
     def name(self) -> str:
         return f"{self.arch}@{self.version}"
 
@@ -63,10 +70,14 @@ class Predictor:
 
         `runtime`: "torch" runs `model.pt` eagerly; "onnx" runs `model.onnx` through ONNX Runtime;
         "auto" (default) is "torch" when the directory has `model.pt`, "onnx" when it has only `model.onnx`.
+        An imported model (``format`` onnx or torchscript in `model.json`) runs on its own file's runtime.
         """
         if runtime not in RUNTIMES:
             raise ModelError(f"runtime {runtime!r}: must be one of {', '.join(RUNTIMES)}")
-        if path is not None:
+        if path is not None and load_meta(path).imported:
+            meta = load_meta(path)
+            model, where = load_imported(path, meta, device), str(path)
+        elif path is not None:
             if runtime == "auto":
                 only_onnx = not (Path(path) / WEIGHTS).exists() and (Path(path) / ONNX).is_file()
                 runtime = "onnx" if only_onnx else "torch"
@@ -124,7 +135,9 @@ class Predictor:
             return getattr(self, f"_{self.task}")(batch)
 
     def _classify(self, batch: torch.Tensor) -> list[dict]:
-        probs = self.forward(self._normalise(batch)).float().softmax(1)
+        probs = self.forward(self._normalise(batch)).float()
+        if self.meta.layout != "probs":
+            probs = probs.softmax(1)
         index = probs.argmax(1)
         classes = list(self.meta.classes)
         probs, index = probs.cpu().tolist(), index.cpu().tolist()
@@ -136,7 +149,11 @@ class Predictor:
     def _detect(self, batch: torch.Tensor) -> list[dict]:
         raw = self.forward(self._normalise(batch))
         th = self.meta.thresholds
-        if self.arch == "anchor_free":
+        if self.meta.layout == "yolo":
+            dets = decode_ultralytics(raw, th["conf"], th["iou"])
+        elif self.meta.layout == "yolo_nms":
+            dets = [d[d[:, 4] >= th["conf"]] for d in raw.float()]
+        elif self.arch == "anchor_free":
             dets = decode_anchor_free(raw, th["conf"], th["iou"], tuple(batch.shape[1:3]))
         else:
             dets = decode_yolo(raw, th["conf"], th["iou"], tuple(batch.shape[1:3]),
@@ -150,7 +167,7 @@ class Predictor:
         return out
 
     def _segment(self, batch: torch.Tensor) -> list[dict]:
-        prob = self.forward(self._normalise(batch)).float().sigmoid()[:, 0]
+        prob = self._defect_probability(self.forward(self._normalise(batch)).float(), tuple(batch.shape[1:3]))
         masks = (prob > self.meta.thresholds["mask"]).to(torch.uint8).cpu().numpy()
         prob_max = prob.amax((1, 2)).cpu().tolist()
         return [{"mask": m, "prob_max": p} for m, p in zip(masks, prob_max)]
@@ -169,7 +186,8 @@ class Predictor:
         net_in = net_in.unsqueeze(1)
         if tuple(net_in.shape[2:]) != self.input_size():
             net_in = F.interpolate(net_in, size=self.input_size(), mode="bilinear", align_corners=False, antialias=True)
-        cnn = to_kelvin(self.forward(net_in).float()).cpu().tolist()
+        out = self.forward(net_in).float()
+        cnn = (out if self.meta.layout == "kelvin" else to_kelvin(out)).cpu().tolist()
         if not radiometric:
             return [
                 {"max_k": c[0], "avg_k": c[1], "min_k": c[2], "hotspots": [], "source": "cnn", "cnn": c} for c in cnn
@@ -180,3 +198,14 @@ class Predictor:
             {"max_k": s[0], "avg_k": s[1], "min_k": s[2], "hotspots": h, "source": "radiometric", "cnn": c}
             for s, h, c in zip(stats, spots, cnn)
         ]
+
+    def _defect_probability(self, out: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[B, H, W] defect probability at the input's size from a segmenter's [B, C, h, w] output: one channel
+        is the defect (logits through a sigmoid), several are classes with class 0 the background."""
+        if out.shape[1] == 1:
+            prob = out if self.meta.layout == "probs" else out.sigmoid()
+        else:
+            prob = 1 - (out if self.meta.layout == "probs" else out.softmax(1))[:, :1]
+        if tuple(prob.shape[2:]) != size:
+            prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
+        return prob[:, 0]

@@ -1,0 +1,90 @@
+"""Imported models in the real pipeline: an Ultralytics-layout detector and a classifier, imported with the
+command line, run by `plantsight up` on a camera of real photographs; every result is the network's own
+output on the frame's prepared pixels, decoded independently and mapped back to the frame's pixels."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from shared.config import load_config
+from shared.messages import Frame
+from shared.prepare import Preparer
+from tests.support.environment import env_without_plantsight
+from tests.support.foreign_models import (
+    Classifier,
+    UltralyticsDetect,
+    export_onnx,
+    reference_yolo,
+    ultralytics_metadata,
+)
+from tests.support.paths import ROOT, SHARED_DATA
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+NAMES = ["pump", "valve", "motor"]
+SIZE = 64
+
+
+def imported(tmp_path, net, name: str, task: str, metadata: dict) -> str:
+    f = export_onnx(net, tmp_path / f"{name}.onnx", SIZE, metadata)
+    out = tmp_path / f"model-{task}"
+    res = subprocess.run([sys.executable, "-m", "services.cli", "models", "import", str(f), "--task", task,
+                          "--out", str(out)], cwd=ROOT, env=env_without_plantsight(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return str(out)
+
+
+def test_imported_detector_and_classifier_give_the_networks_own_outputs_in_frame_pixels(up_pipeline, r, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("fruits.jpg", "baboon.jpg", "building.jpg"):
+        shutil.copy(SHARED_DATA / name, photos / name)
+    detect = imported(tmp_path, UltralyticsDetect(len(NAMES), SIZE), "yolo-line", "detect",
+                      ultralytics_metadata("detect", NAMES, SIZE))
+    classify = imported(tmp_path, Classifier(3, probs=True), "state-cls", "classify",
+                        ultralytics_metadata("classify", NAMES, SIZE))
+    cam = {"id": "line-1", "source": str(photos), "fps": 10, "tasks": ["detect", "classify"], "on_full": "block",
+           "max_frames": 6, "queue": 2}
+    up = up_pipeline([cam], models={"detect": {"path": detect}, "classify": {"path": classify}})
+    up.wait_for(lambda: len(up.results()) >= 12, 200, "12 results")
+
+    cfg = load_config(data={"cameras": [cam], "models": {"detect": {"path": detect}, "classify": {"path": classify}}},
+                      environ={})
+    preparer = Preparer(cfg, "preprocess", route_jpeg=False)
+    sessions = {t: ort.InferenceSession(f"{d}/model.onnx", providers=["CPUExecutionProvider"])
+                for t, d in (("detect", detect), ("classify", classify))}
+    results = up.results()
+    assert {(m["seq"], m["task"]) for m in results} == {(s, t) for s in range(6) for t in ("detect", "classify")}
+    boxes_seen = 0
+    for m in results:
+        (_, fields), = r.xrange(up.keys.frames, m["frame_id"], m["frame_id"])
+        frame = Frame.from_msgpack(fields[b"m"])
+        msg, = preparer.messages(frame, cfg.cameras[0], [m["task"]], m["frame_id"], time.perf_counter())
+        x = msg.array().transpose(2, 0, 1)[None].astype(np.float32) / 255.0  # normalisation "unit"
+        raw = sessions[m["task"]].run(None, {"images": x})[0][0]
+        assert m["model"].startswith(("yolo-line@", "state-cls@"))
+        if m["task"] == "classify":
+            np.testing.assert_allclose(m["out"]["probs"], raw, atol=1e-5)
+            assert m["out"]["label"] == NAMES[int(raw.argmax())]
+            continue
+        scale, px, py = msg.letterbox
+        h, w = frame.shape[:2]
+        want = [[min(max((b[0] - px) / scale, 0), w), min(max((b[1] - py) / scale, 0), h),
+                 min(max((b[2] - px) / scale, 0), w), min(max((b[3] - py) / scale, 0), h), b[4], b[5]]
+                for b in reference_yolo(raw, 0.25, 0.45)]
+        got = list(m["out"]["boxes"])
+        assert len(got) == len(want)
+        for w in want:  # each of the network's boxes is in the result, to the 2 decimals results carry
+            match = next((g for g in got if g[5] == w[5] and np.allclose(g[:5], w[:5], atol=0.011)), None)
+            assert match is not None, f"frame {m['seq']}: no result box for {w}"
+            got.remove(match)
+        boxes_seen += len(want)
+    assert boxes_seen > 0
