@@ -26,8 +26,8 @@ class SimpleCNN(nn.Module):
         self.features = nn.Sequential(_block(in_channels, 32), _block(32, 64), _block(64, 128))
         h, w = input_size[0] // 8, input_size[1] // 8
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(128 * h * w, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512,
-                                                                                                         num_classes)
+            nn.Flatten(), nn.Linear(128 * h * w, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(512, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,19 +39,41 @@ def simple_cnn(num_classes: int, input_size: tuple[int, int] = INPUT_SIZE) -> nn
     return SimpleCNN(num_classes, input_size=tuple(input_size))
 
 
-def _load_imagenet(model: nn.Module, pretrained: str | Path) -> None:
-    path = Path(pretrained)
+IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's ImageNet weights of the architecture
+
+
+def imagenet_state(weights: torchvision.models.WeightsEnum) -> dict:
+    """torchvision's ImageNet weights, from torch's cache (``$TORCH_HOME/hub/checkpoints``) or downloaded into it
+    once; ModelError saying what to do when neither works (a machine without internet)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
+    except Exception as e:  # URLError, OSError, a hash mismatch: all mean the same to the user
+        where = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise ModelError(f"cannot fetch ImageNet weights {weights} ({type(e).__name__}: {e}); on a machine without "
+                         f"internet, download {weights.url} elsewhere and pass --pretrained FILE, or put it at "
+                         f"{where}") from None
+
+
+def _load_imagenet(model: nn.Module, pretrained: str | Path, weights: torchvision.models.WeightsEnum) -> None:
+    if str(pretrained) == IMAGENET:
+        state, where = imagenet_state(weights), str(weights)
+    else:
+        where = str(pretrained)
+        try:
+            state = torch.load(Path(pretrained), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types (OSError, UnpicklingError, RuntimeError) for a bad file
+            raise ModelError(f"{where}: cannot load ImageNet weights: {e}") from e
+    try:
         model.load_state_dict(state)
-    except Exception as e:  # torch raises several types (OSError, UnpicklingError, RuntimeError) for a bad file
-        raise ModelError(f"{path}: cannot load ImageNet weights: {e}") from e
+    except Exception as e:  # a state dict of another architecture
+        raise ModelError(f"{where}: does not fit {type(model).__name__}: {e}") from e
 
 
-def _transfer(model: nn.Module, head: str, num_classes: int, pretrained, freeze: bool) -> nn.Module:
+def _transfer(model: nn.Module, head: str, num_classes: int, pretrained, freeze: bool,
+              weights: torchvision.models.WeightsEnum) -> nn.Module:
     # Load the ImageNet state dict while the 1000-class head still matches, then replace it.
     if pretrained is not None:
-        _load_imagenet(model, pretrained)
+        _load_imagenet(model, pretrained, weights)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -64,14 +86,17 @@ def _transfer(model: nn.Module, head: str, num_classes: int, pretrained, freeze:
 
 @register("resnet18", task="classify", input_size=INPUT_SIZE)
 def resnet18(num_classes: int, pretrained: str | Path | None = None, freeze: bool = False) -> nn.Module:
-    return _transfer(torchvision.models.resnet18(weights=None), "fc", num_classes, pretrained, freeze)
+    return _transfer(torchvision.models.resnet18(weights=None), "fc", num_classes, pretrained, freeze,
+                     torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
 
 
 @register("resnet50", task="classify", input_size=INPUT_SIZE)
 def resnet50(num_classes: int, pretrained: str | Path | None = None, freeze: bool = False) -> nn.Module:
-    return _transfer(torchvision.models.resnet50(weights=None), "fc", num_classes, pretrained, freeze)
+    return _transfer(torchvision.models.resnet50(weights=None), "fc", num_classes, pretrained, freeze,
+                     torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
 
 
 @register("efficientnet_b0", task="classify", input_size=INPUT_SIZE)
 def efficientnet_b0(num_classes: int, pretrained: str | Path | None = None, freeze: bool = False) -> nn.Module:
-    return _transfer(torchvision.models.efficientnet_b0(weights=None), "classifier.1", num_classes, pretrained, freeze)
+    return _transfer(torchvision.models.efficientnet_b0(weights=None), "classifier.1", num_classes, pretrained,
+                     freeze, torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1)

@@ -151,7 +151,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--seed", type=int, default=0, metavar="S")
     tr.add_argument("--freeze", action=argparse.BooleanOptionalAction, default=None,
                     help="transfer architectures: train only the new head (--no-freeze: fine-tune all)")
-    tr.add_argument("--pretrained", metavar="FILE", help="ImageNet state dict for a transfer architecture")
+    tr.add_argument("--pretrained", metavar="imagenet|FILE",
+                    help="transfer architectures: start from torchvision's ImageNet weights (downloaded once into "
+                         "torch's cache) or from a state dict FILE")
     tr.add_argument("--patience", type=int, default=5, metavar="N", help="early stop after N epochs without gain")
     tr.add_argument("--scheduler", choices=("cosine", "step"), default="cosine")
     tr.add_argument("--json", action="store_true", help="print the best validation metrics as one JSON object")
