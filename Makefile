@@ -18,13 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/plantsight up --demo $(if $(DEMO_FOR),--for $(DEMO_FOR))
 
-# Trained models for the demo, from synthetic data, into the user's cache (the demo uses them when there).
-DEMO_MODELS ?= $(or $(PLANTSIGHT_DEMO_MODELS),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/plantsight/demo-models)
+# Rebuild the demo's trained models in shared/demo_models/ (synthetic data, fixed seeds; a few minutes).
 demo-models: $(STAMP)
-	for t in classify detect segment thermal; do \
-	  $(VENV)/bin/plantsight synth $$t --out $(DEMO_MODELS)/data-$$t --n 400 --seed 0 && \
-	  $(VENV)/bin/plantsight train $$t --data $(DEMO_MODELS)/data-$$t --out $(DEMO_MODELS)/$$t || exit 1; \
-	done
+	$(PY) -m shared.training.demo_models
 
 # Code style and import order, and the layers: bench -> services -> shared, service packages independent.
 lint: $(STAMP)

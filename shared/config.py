@@ -407,16 +407,18 @@ def load_config(path: str | Path | None = None, *, data: dict | None = None,
         raise ConfigError(_format(e, origin)) from None
 
 
+DEMO_MODELS = Path(__file__).with_name("demo_models")  # shared/training/demo_models.py makes them
+
+
 def demo_models_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """Where `make demo-models` puts the demo's trained models (the user's cache directory)."""
+    """The demo's trained models: those that come with plantsight, or ``$PLANTSIGHT_DEMO_MODELS``."""
     env = os.environ if environ is None else environ
-    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(env.get("PLANTSIGHT_DEMO_MODELS") or cache / "plantsight" / "demo-models")
+    return Path(env.get("PLANTSIGHT_DEMO_MODELS") or DEMO_MODELS)
 
 
 def demo_config(environ: Mapping[str, str] | None = None) -> Config:
-    """The built-in demo: two synthetic cameras per task, a log sink, and the trained demo models
-    where `make demo-models` has made them (untrained networks otherwise)."""
+    """The built-in demo: two synthetic cameras per task, a log sink, and the trained demo models (a task
+    whose model directory is missing there runs its untrained network)."""
     data = yaml.safe_load((Path(__file__).with_name("demo.yaml")).read_text())
     trained = demo_models_dir(environ)
     for task in TASKS:

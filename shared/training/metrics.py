@@ -76,7 +76,9 @@ def detection_map(preds: list, gts: list, num_classes: int, thresholds=COCO_IOUS
 
     preds: per image an array [N, 6] = x1, y1, x2, y2, score, cls; gts: per image [M, 5] = x1, y1, x2, y2, cls
     (any units, the same for both). Returns map50, map50_95 (NaN-free: 0.0 when no class has ground truth),
-    per_class {name: {ap50, ap50_95, n_gt}} and pr {name: {recall, precision}} at IoU 0.5.
+    per_class {name: {ap50, ap50_95, n_gt}}, pr {name: {recall, precision}} at IoU 0.5, and best_conf with
+    best_f1: the score threshold at which all classes together reach their best F1 at IoU 0.5 (what a
+    deployed detector should keep; mAP itself is independent of any threshold).
     """
     thr = np.asarray(thresholds, dtype=np.float64)
     names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
@@ -110,14 +112,32 @@ def detection_map(preds: list, gts: list, num_classes: int, thresholds=COCO_IOUS
         per_class[names[c]] = {"ap50": float(ap[c, 0]), "ap50_95": float(ap[c].mean()), "n_gt": int(n_gt[c])}
     have = n_gt > 0
     if not have.any():
-        return {"map50": 0.0, "map50_95": 0.0, "per_class": {}, "pr": {}}
+        return {"map50": 0.0, "map50_95": 0.0, "per_class": {}, "pr": {}, "best_conf": None, "best_f1": 0.0}
     i50 = int(np.argmin(np.abs(thr - 0.5)))
+    best_conf, best_f1 = _best_threshold(
+        np.concatenate([np.concatenate(s) for s in scs if s] or [np.zeros(0)]),
+        np.concatenate([np.concatenate(t[i50]) for t in tps if t[i50]] or [np.zeros(0, dtype=bool)]),
+        int(n_gt.sum()))
     return {
         "map50": float(ap[have, i50].mean()),
         "map50_95": float(ap[have].mean(1).mean()),
         "per_class": per_class,
         "pr": pr,
+        "best_conf": best_conf,
+        "best_f1": best_f1,
     }
+
+
+def _best_threshold(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> tuple[float | None, float]:
+    """(score threshold, F1) where keeping detections at or above the threshold gives the highest F1."""
+    if len(scores) == 0 or n_gt == 0:
+        return None, 0.0
+    order = np.argsort(-scores, kind="stable")
+    s, hits = scores[order], np.cumsum(tp[order])
+    f1 = 2 * hits / (np.arange(1, len(s) + 1) + n_gt)
+    last = np.r_[s[1:] != s[:-1], True]  # a threshold keeps every detection of equal score
+    i = int(np.argmax(np.where(last, f1, -1)))
+    return float(s[i]), float(f1[i])
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:

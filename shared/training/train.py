@@ -218,6 +218,9 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
         if _better(score, best) and (score is not None or not best_metrics):
             best, best_metrics, best_epoch, stale = score, metrics, epoch, 0
             meta.metrics = jsonable({**metrics, "epoch": epoch, "split": "val"})
+            if task == "detect" and metrics.get("best_conf") is not None:
+                # keep what the validation split says a deployed detector should keep (F1 at IoU 0.5)
+                meta.thresholds = {**meta.thresholds, "conf": round(min(max(metrics["best_conf"], 0.05), 0.95), 3)}
             save_model_dir(out, model, meta)
         else:
             stale += 1

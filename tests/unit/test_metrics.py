@@ -109,3 +109,12 @@ def test_thermal_mae():
     target = [[401.0, 309.0, 290.0], [377.0, 300.0, 282.0]]
     assert M.thermal_mae(pred, target) == pytest.approx({"mae_max_k": 2.0, "mae_avg_k": 0.5, "mae_min_k": 1.0,
                                                          "mae_k": 3.5 / 3})
+
+
+def test_detection_map_gives_the_score_threshold_of_the_best_f1():
+    gt = [[0, 0, 10, 10, 0], [20, 20, 30, 30, 0]]
+    # hits at 0.9 and 0.6, misses at 0.8 and 0.3: keeping >= 0.6 gives F1 2*2/(3+2) = 0.8, the best
+    preds = [[0, 0, 10, 10, 0.9, 0], [50, 50, 60, 60, 0.8, 0], [20, 20, 30, 30, 0.6, 0], [70, 70, 80, 80, 0.3, 0]]
+    m = M.detection_map([preds], [gt], 1)
+    assert m["best_conf"] == 0.6 and m["best_f1"] == pytest.approx(0.8)
+    assert M.detection_map([[]], [gt], 1)["best_conf"] is None
