@@ -24,7 +24,7 @@ from tests.support.foreign_models import (
     reference_yolo,
     ultralytics_metadata,
 )
-from tests.support.paths import ROOT, SHARED_DATA
+from tests.support.paths import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -42,11 +42,12 @@ def imported(tmp_path, net, name: str, task: str, metadata: dict) -> str:
     return str(out)
 
 
-def test_imported_detector_and_classifier_give_the_networks_own_outputs_in_frame_pixels(up_pipeline, r, tmp_path):
+def test_imported_detector_and_classifier_give_the_networks_own_outputs_in_frame_pixels(up_pipeline, r, tmp_path,
+                                                                                       shared_data):
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("fruits.jpg", "baboon.jpg", "building.jpg"):
-        shutil.copy(SHARED_DATA / name, photos / name)
+        shutil.copy(shared_data / name, photos / name)
     detect = imported(tmp_path, UltralyticsDetect(len(NAMES), SIZE), "yolo-line", "detect",
                       ultralytics_metadata("detect", NAMES, SIZE))
     classify = imported(tmp_path, Classifier(3, probs=True), "state-cls", "classify",
