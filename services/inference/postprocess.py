@@ -64,7 +64,10 @@ def to_original(task: str, out: dict, msg: Prepared) -> dict:
     if task == "detect":
         return {"boxes": boxes_to_original(out["boxes"], msg), "classes": out["classes"]}
     if task == "segment":
-        return segment_out(out["mask"], msg)
+        res = segment_out(out["mask"], msg)
+        if "instances" in out:  # an instance segmenter's boxes, as a detector's
+            res["instances"] = boxes_to_original(out["instances"], msg)
+        return res
     if task == "thermal":
         res = {k: round(float(out[k]), 3) for k in ("max_k", "avg_k", "min_k")}
         res["hotspots"] = hotspots_to_original(out.get("hotspots", []), msg)

@@ -204,15 +204,18 @@ class OnnxModule(nn.Module):
         # Exports often fix the batch at 1 (Ultralytics' default): such a network runs image by image.
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The network's output; a tuple when the graph has several (an Ultralytics segmenter's two)."""
         feed = x.detach().to("cpu", torch.float32).contiguous().numpy()
         if self.fixed_batch is None or self.fixed_batch == len(feed):
-            y = self.session.run(None, {self.input_name: feed})[0]
+            ys = self.session.run(None, {self.input_name: feed})
         elif self.fixed_batch == 1:
-            y = np.concatenate([self.session.run(None, {self.input_name: feed[i:i + 1]})[0] for i in range(len(feed))])
+            runs = [self.session.run(None, {self.input_name: feed[i:i + 1]}) for i in range(len(feed))]
+            ys = [np.concatenate(parts) for parts in zip(*runs)]
         else:
             raise ModelError(f"{self.path}: takes batches of exactly {self.fixed_batch}, not {len(feed)}")
-        return torch.from_numpy(y).to(x.device)
+        out = tuple(torch.from_numpy(y).to(x.device) for y in ys)
+        return out[0] if len(out) == 1 else out
 
     def extra_repr(self) -> str:
         return f"{self.path}, providers={self.session.get_providers()}"

@@ -141,17 +141,26 @@ def _normalisation(given, channels: int, ultralytics: bool, task: str) -> dict:
     return norm
 
 
-def _layout(task: str, out: np.ndarray, probe: np.ndarray, found: Found, given: str | None,
+def _layout(task: str, outs: list[np.ndarray], probes: list[np.ndarray], found: Found, given: str | None,
             file: Path) -> tuple[str, int]:
-    """(layout, class count) of a network output ``out`` (batch 1); ModelError when no layout fits."""
+    """(layout, class count) of a network's outputs ``outs`` (batch 1); ModelError when no layout fits."""
     accepted = "; ".join(f"{k}: {v}" for k, v in LAYOUTS[task].items())
+    out, probe = outs[0], probes[0]
 
     def refuse(why: str) -> ModelError:
-        return ModelError(f"{file}: output of shape {list(out.shape)} {why}; a {task} model's output must be "
+        shapes = " and ".join(str(list(o.shape)) for o in outs)
+        return ModelError(f"{file}: output of shape {shapes} {why}; a {task} model's output must be "
                           f"one of: {accepted}")
 
     if given is not None and given not in LAYOUTS[task]:
         raise ModelError(f"--layout {given!r}: a {task} model's layout is one of {', '.join(LAYOUTS[task])}")
+    if len(outs) == 2 and task == "segment":
+        det, proto = outs
+        if det.ndim != 3 or proto.ndim != 4 or proto.shape[1] != 32 or det.shape[1] <= 4 + 32:
+            raise refuse("is not Ultralytics' segment pair")
+        return "yolo_seg", det.shape[1] - 4 - 32
+    if len(outs) != 1:
+        raise refuse(f"has {len(outs)} outputs, not one")
     if task == "classify":
         if out.ndim != 2 or out.shape[1] < 2:
             raise refuse("is not [batch, classes]")
@@ -176,16 +185,20 @@ def _layout(task: str, out: np.ndarray, probe: np.ndarray, found: Found, given: 
         if out.ndim != 4:
             raise refuse("is not [batch, classes, height, width]")
         is_probs = all(np.all((o >= 0) & (o <= 1)) for o in (out, probe))
-        return given or ("probs" if is_probs else "logits"), out.shape[1]
+        return given or ("probs" if is_probs else "logits"), 0  # one defect mask, whatever the channels
     if out.ndim != 2 or out.shape[1] != 3:
         raise refuse("is not [batch, 3]")
     return given or "kelvin", 0
 
 
+def _arrays(y) -> list[np.ndarray]:
+    return [t.float().numpy() for t in (y if isinstance(y, tuple) else (y,))]
+
+
 def _classes(task: str, n: int, from_flags: list[str] | None, from_file: list[str] | None, file: Path) -> list[str]:
     if task == "thermal":
         return []
-    if task == "segment":
+    if task == "segment" and not n:
         return from_flags or ["defect"]
     if from_flags is not None and n and len(from_flags) != n:
         raise ModelError(f"{file}: the network scores {n} classes but --names gives {len(from_flags)} "
@@ -230,7 +243,7 @@ def import_model(file: str | os.PathLike, task: str, out: str | os.PathLike, *, 
         net = OnnxModule(work / FILES[found.fmt]) if found.fmt == "onnx" else TorchScriptModule(work / FILES[found.fmt])
         try:
             with torch.inference_mode():
-                y0, y1 = net(blank).float().numpy(), net(noise).float().numpy()
+                y0, y1 = (_arrays(net(x)) for x in (blank, noise))
         except Exception as e:  # the runtime's own error for a wrong input size or channel count
             raise ModelError(f"{file}: does not run on a [1, {channels}, {size[0]}, {size[1]}] input: {e}") from e
         kind, n = _layout(task, y0, y1, found, layout, file)
@@ -240,7 +253,9 @@ def import_model(file: str | os.PathLike, task: str, out: str | os.PathLike, *, 
         if isinstance(found.meta.get("stride"), int):
             options["stride"] = found.meta["stride"]
         meta = ModelMeta(task=task, arch=file.stem, input_size=size, channels=channels, classes=classes,
-                         normalisation=norm, thresholds={**DEFAULT_THRESHOLDS[task], **(thresholds or {})},
+                         normalisation=norm,
+                         thresholds={**DEFAULT_THRESHOLDS[task], **(DEFAULT_THRESHOLDS["detect"] if kind == "yolo_seg"
+                                                                     else {}), **(thresholds or {})},
                          version=digest[:12], options=options, format=found.fmt, layout=kind)
         (work / META).write_text(meta.to_json() + "\n", encoding="utf-8")
         load_meta(work)  # the file model.json must be, read back

@@ -40,7 +40,9 @@ LAYOUTS = {
                "yolo_nms": "[B, N, 6]: x1, y1, x2, y2, score, class in input pixels (Ultralytics nms=True or "
                            "end-to-end)"},
     "segment": {"logits": "[B, 1, H, W] defect logits, or [B, C, H, W] class logits with class 0 the background",
-                "probs": "[B, 1, H, W] defect probabilities, or [B, C, H, W] class probabilities"},
+                "probs": "[B, 1, H, W] defect probabilities, or [B, C, H, W] class probabilities",
+                "yolo_seg": "two outputs, [B, 4 + classes + 32, N] boxes with 32 mask coefficients and [B, 32, H/4, "
+                            "W/4] mask prototypes (Ultralytics segment); the instances' masks make the defect mask"},
     "thermal": {"kelvin": "[B, 3]: max, avg and min temperature in kelvin"},
 }
 FILES = {"pt": WEIGHTS, "onnx": ONNX, "torchscript": TORCHSCRIPT}  # format -> the file that holds the network

@@ -10,7 +10,7 @@ from torch import nn
 
 from .detect import decode_yolo
 from .detect_af import decode_anchor_free
-from .detect_ultralytics import decode_ultralytics
+from .detect_ultralytics import decode_ultralytics, instance_masks
 from .export import ONNX, load_onnx_dir
 from .modeldir import WEIGHTS, ModelMeta, build_for, default_meta, load_meta, load_model_dir
 from .registry import ModelError
@@ -167,6 +167,8 @@ class Predictor:
         return out
 
     def _segment(self, batch: torch.Tensor) -> list[dict]:
+        if self.meta.layout == "yolo_seg":
+            return self._instances(batch)
         prob = self._defect_probability(self.forward(self._normalise(batch)).float(), tuple(batch.shape[1:3]))
         masks = (prob > self.meta.thresholds["mask"]).to(torch.uint8).cpu().numpy()
         prob_max = prob.amax((1, 2)).cpu().tolist()
@@ -198,6 +200,17 @@ class Predictor:
             {"max_k": s[0], "avg_k": s[1], "min_k": s[2], "hotspots": h, "source": "radiometric", "cnn": c}
             for s, h, c in zip(stats, spots, cnn)
         ]
+
+    def _instances(self, batch: torch.Tensor) -> list[dict]:
+        """An Ultralytics segmenter: the union of its instances' masks is the defect mask."""
+        det, proto = self.forward(self._normalise(batch))
+        th, out = self.meta.thresholds, []
+        for dets, masks in instance_masks(det, proto, th.get("conf", 0.25), th.get("iou", 0.45),
+                                          tuple(batch.shape[1:3])):
+            prob = masks.amax(0) if len(masks) else torch.zeros(batch.shape[1:3])
+            out.append({"mask": (prob > th["mask"]).to(torch.uint8).cpu().numpy(), "prob_max": float(prob.max()),
+                        "instances": dets.cpu().tolist()})
+        return out
 
     def _defect_probability(self, out: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """[B, H, W] defect probability at the input's size from a segmenter's [B, C, h, w] output: one channel

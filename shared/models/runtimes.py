@@ -30,9 +30,12 @@ class TorchScriptModule(nn.Module):
             raise ModelError(f"{self.path}: not a loadable TorchScript model: {e}") from e
         self.net.eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The network's output; a tuple when it gives several (an Ultralytics segmenter's two)."""
         y = self.net(x)
-        return y[0] if isinstance(y, (tuple, list)) else y
+        if isinstance(y, (tuple, list)):
+            return y[0] if len(y) == 1 else tuple(y)
+        return y
 
 
 def load_imported(path: str | os.PathLike, meta: ModelMeta, device: str | torch.device = "cpu") -> nn.Module:

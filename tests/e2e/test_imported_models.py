@@ -1,6 +1,6 @@
-"""Imported models in the real pipeline: an Ultralytics-layout detector and a classifier, imported with the
-command line, run by `plantsight up` on a camera of real photographs; every result is the network's own
-output on the frame's prepared pixels, decoded independently and mapped back to the frame's pixels."""
+"""Imported models in the real pipeline: an Ultralytics-layout detector, segmenter and classifier, imported
+with the command line, run by `plantsight up` on a camera of real photographs; every result is the network's
+own output on the frame's prepared pixels, decoded independently and mapped back to the frame's pixels."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from services.inference.postprocess import mask_to_original
 from shared.config import load_config
 from shared.messages import Frame
 from shared.prepare import Preparer
@@ -20,7 +22,9 @@ from tests.support.environment import env_without_plantsight
 from tests.support.foreign_models import (
     Classifier,
     UltralyticsDetect,
+    UltralyticsSegment,
     export_onnx,
+    reference_instance_mask,
     reference_yolo,
     ultralytics_metadata,
 )
@@ -52,26 +56,38 @@ def test_imported_detector_and_classifier_give_the_networks_own_outputs_in_frame
                       ultralytics_metadata("detect", NAMES, SIZE))
     classify = imported(tmp_path, Classifier(3, probs=True), "state-cls", "classify",
                         ultralytics_metadata("classify", NAMES, SIZE))
-    cam = {"id": "line-1", "source": str(photos), "fps": 10, "tasks": ["detect", "classify"], "on_full": "block",
+    segment = imported(tmp_path, UltralyticsSegment(2, SIZE), "defects-seg", "segment",
+                       ultralytics_metadata("segment", ["scratch", "stain"], SIZE))
+    tasks = ("detect", "classify", "segment")
+    models = {"detect": {"path": detect}, "classify": {"path": classify}, "segment": {"path": segment}}
+    cam = {"id": "line-1", "source": str(photos), "fps": 10, "tasks": list(tasks), "on_full": "block",
            "max_frames": 6, "queue": 2}
-    up = up_pipeline([cam], models={"detect": {"path": detect}, "classify": {"path": classify}})
-    up.wait_for(lambda: len(up.results()) >= 12, 200, "12 results")
+    up = up_pipeline([cam], models=models)
+    up.wait_for(lambda: len(up.results()) >= 18, 200, "18 results")
 
-    cfg = load_config(data={"cameras": [cam], "models": {"detect": {"path": detect}, "classify": {"path": classify}}},
-                      environ={})
+    cfg = load_config(data={"cameras": [cam], "models": models}, environ={})
     preparer = Preparer(cfg, "preprocess", route_jpeg=False)
-    sessions = {t: ort.InferenceSession(f"{d}/model.onnx", providers=["CPUExecutionProvider"])
-                for t, d in (("detect", detect), ("classify", classify))}
+    sessions = {t: ort.InferenceSession(f"{m['path']}/model.onnx", providers=["CPUExecutionProvider"])
+                for t, m in models.items()}
     results = up.results()
-    assert {(m["seq"], m["task"]) for m in results} == {(s, t) for s in range(6) for t in ("detect", "classify")}
+    assert {(m["seq"], m["task"]) for m in results} == {(s, t) for s in range(6) for t in tasks}
+    masks_seen = 0
     boxes_seen = 0
     for m in results:
         (_, fields), = r.xrange(up.keys.frames, m["frame_id"], m["frame_id"])
         frame = Frame.from_msgpack(fields[b"m"])
         msg, = preparer.messages(frame, cfg.cameras[0], [m["task"]], m["frame_id"], time.perf_counter())
         x = msg.array().transpose(2, 0, 1)[None].astype(np.float32) / 255.0  # normalisation "unit"
-        raw = sessions[m["task"]].run(None, {"images": x})[0][0]
-        assert m["model"].startswith(("yolo-line@", "state-cls@"))
+        outputs = sessions[m["task"]].run(None, {"images": x})
+        raw = outputs[0][0]
+        assert m["model"].startswith(("yolo-line@", "state-cls@", "defects-seg@"))
+        if m["task"] == "segment":
+            want = mask_to_original(reference_instance_mask(raw, outputs[1][0], 0.25, 0.45, SIZE).astype(np.uint8),
+                                    msg)
+            got = cv2.imdecode(np.frombuffer(m["out"]["mask"], np.uint8), cv2.IMREAD_GRAYSCALE) > 0
+            assert (got != want.astype(bool)).mean() < 0.002  # bilinear edges may round either way
+            masks_seen += int(want.sum())
+            continue
         if m["task"] == "classify":
             np.testing.assert_allclose(m["out"]["probs"], raw, atol=1e-5)
             assert m["out"]["label"] == NAMES[int(raw.argmax())]
@@ -88,4 +104,4 @@ def test_imported_detector_and_classifier_give_the_networks_own_outputs_in_frame
             assert match is not None, f"frame {m['seq']}: no result box for {w}"
             got.remove(match)
         boxes_seen += len(want)
-    assert boxes_seen > 0
+    assert boxes_seen > 0 and masks_seen > 0

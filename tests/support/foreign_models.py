@@ -110,17 +110,73 @@ def export_onnx(net: nn.Module, path: Path, size: int | tuple[int, int], metadat
     return path
 
 
-def reference_yolo(raw: np.ndarray, conf: float, iou: float) -> list[list[float]]:
-    """Ultralytics' raw detect output decoded independently: best class, threshold, NMS class by class."""
+def reference_kept(raw: np.ndarray, conf: float, iou: float) -> list[int]:
+    """Ultralytics' raw detect output [4 + classes, N] decoded independently: the columns kept by best class,
+    threshold and NMS class by class, best first."""
     rows = raw.T  # [N, 4 + classes]
     score, cls = rows[:, 4:].max(1), rows[:, 4:].argmax(1)
-    keep = score >= conf
-    cx, cy, w, h = rows[keep, :4].T
+    cx, cy, w, h = rows[:, :4].T
     boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    kept = []
+    for c in np.unique(cls[score >= conf]):
+        idx = np.flatnonzero((cls == c) & (score >= conf))
+        keep = torchvision.ops.nms(torch.from_numpy(boxes[idx]), torch.from_numpy(score[idx]), iou)
+        kept += idx[keep.numpy()].tolist()
+    return sorted(kept, key=lambda i: -score[i])
+
+
+def reference_yolo(raw: np.ndarray, conf: float, iou: float) -> list[list[float]]:
+    """The boxes ``reference_kept`` keeps, as [x1, y1, x2, y2, score, class] in input pixels."""
+    rows = raw.T
     out = []
-    for c in np.unique(cls[keep]):
-        sel = cls[keep] == c
-        b, s = torch.from_numpy(boxes[sel]), torch.from_numpy(score[keep][sel])
-        for i in torchvision.ops.nms(b, s, iou).tolist():
-            out.append([*b[i].tolist(), float(s[i]), int(c)])
-    return sorted(out, key=lambda r: -r[4])
+    for i in reference_kept(raw, conf, iou):
+        cx, cy, w, h = rows[i, :4]
+        score, cls = float(rows[i, 4:].max()), int(rows[i, 4:].argmax())
+        out.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, score, cls])
+    return out
+
+
+class UltralyticsSegment(nn.Module):
+    """Ultralytics' segment outputs: [B, 4 + classes + 32, N] (a detect head's rows, then 32 mask
+    coefficients per box) and [B, 32, H/4, W/4] mask prototypes."""
+
+    def __init__(self, classes: int = 2, size: int = 64, seed: int = 3):
+        super().__init__()
+        self.det = UltralyticsDetect(classes, size, seed=seed)
+        self.coef = nn.Conv2d(3, 32, 8, stride=8)  # one coefficient vector per 8-px cell, as the boxes
+        self.proto = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4), nn.Tanh())
+
+    def forward(self, x: torch.Tensor):
+        det = self.det(x)
+        return torch.cat([det, self.coef(x).flatten(2) * 3], 1), self.proto(x) * 3
+
+
+def reference_instance_mask(det: np.ndarray, proto: np.ndarray, conf: float, iou: float, size: int) -> np.ndarray:
+    """The defect mask of one image from Ultralytics segment outputs, decoded independently: boxes as
+    ``reference_yolo`` keeps them, each box's mask the sigmoid of coefficients × prototypes, resized to the
+    input, cropped to the box; the union over boxes at 0.5."""
+    nc = det.shape[0] - 4 - 32
+    rows = det.T
+    out = np.zeros((size, size), bool)
+    for i in reference_kept(det[:4 + nc], conf, iou):
+        cx, cy, w, h = rows[i, :4]
+        b = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        m = torch.from_numpy(rows[i, 4 + nc:] @ proto.reshape(32, -1)).sigmoid().reshape(1, 1, *proto.shape[1:])
+        m = torch.nn.functional.interpolate(m.float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        ys, xs = np.mgrid[:size, :size]
+        inside = (xs >= b[0]) & (xs < b[2]) & (ys >= b[1]) & (ys < b[3])
+        out |= (m.numpy() > 0.5) & inside
+    return out
+
+
+def export_onnx_outputs(net: nn.Module, path: Path, size: int, metadata: dict, outputs: list[str]) -> Path:
+    """As ``export_onnx``, for a network with several outputs."""
+    net.eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=outputs)
+    proto = onnx.load(str(path))
+    for k, v in metadata.items():
+        p = proto.metadata_props.add()
+        p.key, p.value = k, str(v)
+    onnx.save(proto, str(path))
+    return path

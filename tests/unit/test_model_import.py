@@ -19,8 +19,11 @@ from tests.support.foreign_models import (
     Classifier,
     Segmenter,
     UltralyticsDetect,
+    UltralyticsSegment,
     WithNms,
     export_onnx,
+    export_onnx_outputs,
+    reference_instance_mask,
     reference_yolo,
     ultralytics_metadata,
 )
@@ -191,3 +194,40 @@ def test_eval_scores_an_imported_detector_on_the_native_dataset_layout(tmp_path)
     m = evaluate("detect", tmp_path / "m", data["out"], device="cpu", progress=False)
     assert 0.0 <= m["map50"] <= 1.0 and 0.0 <= m["map50_95"] <= m["map50"]
     assert (tmp_path / "m" / "eval-val" / "predictions.png").is_file()
+
+
+def test_an_ultralytics_segment_export_gives_the_union_of_its_instance_masks(tmp_path):
+    names = ["scratch", "stain"]
+    f = export_onnx_outputs(UltralyticsSegment(len(names), SIZE), tmp_path / "defects-seg.onnx", SIZE,
+                            ultralytics_metadata("segment", names, SIZE), ["output0", "output1"])
+    meta = import_model(f, "segment", tmp_path / "m")
+    assert (meta.layout, meta.classes) == ("yolo_seg", names)
+    assert {k: meta.thresholds[k] for k in ("conf", "iou", "mask")} == {"conf": 0.25, "iou": 0.45, "mask": 0.5}
+    batch = frames(2, seed=5)
+    outs = Predictor.from_spec("segment", path=str(tmp_path / "m")).predict(batch)
+    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+    for out, img in zip(outs, batch):
+        det, proto = sess.run(None, {"images": img.permute(2, 0, 1)[None].float().numpy() / 255.0})
+        want = reference_instance_mask(det[0], proto[0], 0.25, 0.45, SIZE)
+        assert want.any() and out["instances"]
+        assert (out["mask"].astype(bool) != want).mean() < 0.002  # bilinear edges may round either way
+    with pytest.raises(ModelError, match=r"is not \[batch, classes, height, width\]"):
+        bare = export_onnx(UltralyticsDetect(len(NAMES), SIZE), tmp_path / "bare.onnx", SIZE)  # no metadata
+        import_model(bare, "segment", tmp_path / "m2", layout="logits")
+
+
+def test_a_thermal_regressor_reports_its_own_kelvin_beside_the_frames_exact_statistics(tmp_path):
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(1, 3))
+    with torch.no_grad():
+        net[2].weight.copy_(torch.tensor([[100.0], [50.0], [10.0]]))
+        net[2].bias.copy_(torch.tensor([400.0, 300.0, 280.0]))
+    f = export_onnx(net, tmp_path / "kiln.onnx", (24, 32), channels=1)
+    meta = import_model(f, "thermal", tmp_path / "m")
+    assert (meta.layout, meta.channels, meta.classes) == ("kelvin", 1, [])
+    kelvin = np.full((1, 24, 32, 1), 30_000, np.uint16)  # 300.00 K in centikelvin
+    kelvin[0, 5, 7, 0] = 45_000
+    out = Predictor.from_spec("thermal", path=str(tmp_path / "m")).predict(torch.from_numpy(kelvin))[0]
+    assert (out["max_k"], out["min_k"], out["source"]) == (450.0, 300.0, "radiometric")
+    x = (torch.from_numpy(kelvin.astype(np.float32)).permute(0, 3, 1, 2) / 100 - 300) / 100  # model.json's kelvin
+    with torch.inference_mode():
+        np.testing.assert_allclose(out["cnn"], net(x)[0].numpy(), atol=1e-3)
