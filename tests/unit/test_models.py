@@ -27,9 +27,8 @@ from shared.models import (
     yolo_loss,
 )
 
-ALL_ARCHS = {"simple_cnn", "resnet18", "resnet50", "efficientnet_b0", "simple_yolo", "anchor_free", "unet",
-             "unet_small",
-             "thermal_cnn"}
+ALL_ARCHS = {"simple_cnn", "compact_cnn", "resnet18", "resnet50", "efficientnet_b0", "simple_yolo", "anchor_free",
+             "unet", "unet_small", "thermal_cnn"}
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +62,8 @@ def test_every_architecture_builds_with_the_described_param_count():
 
 
 @pytest.mark.parametrize("name,shape", [
-    ("simple_cnn", (2, 2)), ("resnet18", (2, 2)), ("efficientnet_b0", (2, 2)), ("unet_small", (2, 1, 256, 256)),
+    ("simple_cnn", (2, 2)), ("compact_cnn", (2, 2)), ("resnet18", (2, 2)), ("efficientnet_b0", (2, 2)),
+    ("unet_small", (2, 1, 256, 256)),
     ("thermal_cnn", (2, 3)),
 ])
 def test_forward_output_shapes(name, shape):
