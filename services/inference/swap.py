@@ -23,7 +23,7 @@ from pathlib import Path
 
 from services.inference.loading import load_predictor
 from shared import metrics
-from shared.models.modeldir import META, WEIGHTS
+from shared.models.modeldir import FILES, META
 
 log = logging.getLogger("plantsight.swap")
 
@@ -32,7 +32,7 @@ def fingerprint(path: str | os.PathLike) -> tuple:
     """What changes when a model directory gets a new model: its files' sizes and mtimes."""
     d = Path(path)
     out = [str(d.resolve())]
-    for name in (META, WEIGHTS, "model.onnx"):
+    for name in (META, *FILES.values()):
         try:
             st = (d / name).stat()
             out.append((name, st.st_size, st.st_mtime_ns))

@@ -252,13 +252,12 @@ def import_model(file: str | os.PathLike, task: str, out: str | os.PathLike, *, 
         options = {"source": file.name}
         if isinstance(found.meta.get("stride"), int):
             options["stride"] = found.meta["stride"]
+        th = {**DEFAULT_THRESHOLDS[task], **(DEFAULT_THRESHOLDS["detect"] if kind == "yolo_seg" else {})}
         meta = ModelMeta(task=task, arch=file.stem, input_size=size, channels=channels, classes=classes,
-                         normalisation=norm,
-                         thresholds={**DEFAULT_THRESHOLDS[task], **(DEFAULT_THRESHOLDS["detect"] if kind == "yolo_seg"
-                                                                     else {}), **(thresholds or {})},
-                         version=digest[:12], options=options, format=found.fmt, layout=kind)
+                         normalisation=norm, thresholds={**th, **(thresholds or {})}, version=digest[:12],
+                         options=options, format=found.fmt, layout=kind)
         (work / META).write_text(meta.to_json() + "\n", encoding="utf-8")
-        load_meta(work)  # the file model.json must be, read back
+        load_meta(work)  # read back and checked, as every loader will
         predictor = Predictor.from_spec(task, path=str(work))
         batch = torch.zeros(1, *size, channels, dtype=torch.uint8)
         predictor.predict(batch)  # runs end to end, output decoding included, before anything is replaced
@@ -272,7 +271,9 @@ def _install(work: Path, out: Path, model_file: str) -> None:
     """Move a checked model directory into place; a directory already there keeps its other files."""
     out.mkdir(parents=True, exist_ok=True)
     stale = [f for f in FILES.values() if f != model_file and (out / f).exists()]
-    os.replace(work / model_file, out / model_file)  # the network first, model.json last: a reader sees one or
-    os.replace(work / META, out / META)  # the other complete version, never half of each
+    # The network first, model.json last: a running pipeline's model swap reloads when model.json changes,
+    # by which time the network beside it is the new one.
+    os.replace(work / model_file, out / model_file)
+    os.replace(work / META, out / META)
     for f in stale:  # a network file the new model.json does not name would only mislead
         (out / f).unlink()
