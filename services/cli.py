@@ -285,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     msub = mo.add_subparsers(dest="models_command")
     dep = msub.add_parser("deploy", help="switch a running pipeline's task to a model directory (no downtime)")
     dep.add_argument("task", choices=TASKS)
-    dep.add_argument("dir", help="model directory (model.json + model.pt or model.onnx)")
+    dep.add_argument("dir", help="model directory (model.json beside model.pt, model.onnx or model.ts)")
     config_args(dep)
     dep.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                      help="wait this long for infer to report the switch (or the refusal)")
