@@ -36,8 +36,8 @@ NAMES = ["pump", "valve", "motor"]
 SIZE = 64
 
 
-def imported(tmp_path, net, name: str, task: str, metadata: dict) -> str:
-    f = export_onnx(net, tmp_path / f"{name}.onnx", SIZE, metadata)
+def imported(tmp_path, net, name: str, task: str, metadata: dict, **export) -> str:
+    f = export_onnx(net, tmp_path / f"{name}.onnx", SIZE, metadata, **export)
     out = tmp_path / f"model-{task}"
     res = subprocess.run([sys.executable, "-m", "services.cli", "models", "import", str(f), "--task", task,
                           "--out", str(out)], cwd=ROOT, env=env_without_plantsight(), capture_output=True,
@@ -57,7 +57,7 @@ def test_imported_detector_and_classifier_give_the_networks_own_outputs_in_frame
     classify = imported(tmp_path, Classifier(3, probs=True), "state-cls", "classify",
                         ultralytics_metadata("classify", NAMES, SIZE))
     segment = imported(tmp_path, UltralyticsSegment(2, SIZE), "defects-seg", "segment",
-                       ultralytics_metadata("segment", ["scratch", "stain"], SIZE))
+                       ultralytics_metadata("segment", ["scratch", "stain"], SIZE), outputs=("output0", "output1"))
     tasks = ("detect", "classify", "segment")
     models = {"detect": {"path": detect}, "classify": {"path": classify}, "segment": {"path": segment}}
     cam = {"id": "line-1", "source": str(photos), "fps": 10, "tasks": list(tasks), "on_full": "block",

@@ -95,12 +95,12 @@ def ultralytics_metadata(task: str, names: list[str], size: int, **extra) -> dic
 
 
 def export_onnx(net: nn.Module, path: Path, size: int | tuple[int, int], metadata: dict | None = None,
-                channels: int = 3) -> Path:
+                channels: int = 3, outputs: tuple[str, ...] = ("output0",)) -> Path:
     """``net`` as an ONNX file with batch fixed at 1 and ``metadata`` in its metadata_props."""
     h, w = (size, size) if isinstance(size, int) else size
     net.eval()
     torch.onnx.export(net, (torch.zeros(1, channels, h, w),), str(path), dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["output0"])
+                      input_names=["images"], output_names=list(outputs))
     if metadata:
         proto = onnx.load(str(path))
         for k, v in metadata.items():
@@ -167,16 +167,3 @@ def reference_instance_mask(det: np.ndarray, proto: np.ndarray, conf: float, iou
         inside = (xs >= b[0]) & (xs < b[2]) & (ys >= b[1]) & (ys < b[3])
         out |= (m.numpy() > 0.5) & inside
     return out
-
-
-def export_onnx_outputs(net: nn.Module, path: Path, size: int, metadata: dict, outputs: list[str]) -> Path:
-    """As ``export_onnx``, for a network with several outputs."""
-    net.eval()
-    torch.onnx.export(net, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=outputs)
-    proto = onnx.load(str(path))
-    for k, v in metadata.items():
-        p = proto.metadata_props.add()
-        p.key, p.value = k, str(v)
-    onnx.save(proto, str(path))
-    return path

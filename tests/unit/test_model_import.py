@@ -22,7 +22,6 @@ from tests.support.foreign_models import (
     UltralyticsSegment,
     WithNms,
     export_onnx,
-    export_onnx_outputs,
     reference_instance_mask,
     reference_yolo,
     ultralytics_metadata,
@@ -198,8 +197,8 @@ def test_eval_scores_an_imported_detector_on_the_native_dataset_layout(tmp_path)
 
 def test_an_ultralytics_segment_export_gives_the_union_of_its_instance_masks(tmp_path):
     names = ["scratch", "stain"]
-    f = export_onnx_outputs(UltralyticsSegment(len(names), SIZE), tmp_path / "defects-seg.onnx", SIZE,
-                            ultralytics_metadata("segment", names, SIZE), ["output0", "output1"])
+    f = export_onnx(UltralyticsSegment(len(names), SIZE), tmp_path / "defects-seg.onnx", SIZE,
+                    ultralytics_metadata("segment", names, SIZE), outputs=("output0", "output1"))
     meta = import_model(f, "segment", tmp_path / "m")
     assert (meta.layout, meta.classes) == ("yolo_seg", names)
     assert {k: meta.thresholds[k] for k in ("conf", "iou", "mask")} == {"conf": 0.25, "iou": 0.45, "mask": 0.5}
