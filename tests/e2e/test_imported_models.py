@@ -1,9 +1,11 @@
 """Imported models in the real pipeline: an Ultralytics-layout detector, segmenter and classifier, imported
 with the command line, run by `plantsight up` on a camera of real photographs; every result is the network's
-own output on the frame's prepared pixels, decoded independently and mapped back to the frame's pixels."""
+own output on the frame's prepared pixels, decoded independently and mapped back to the frame's pixels; a
+broken imported directory deployed to it is refused and the running model stays."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -105,3 +107,16 @@ def test_imported_detector_and_classifier_give_the_networks_own_outputs_in_frame
             got.remove(match)
         boxes_seen += len(want)
     assert boxes_seen > 0 and masks_seen > 0
+
+    # A broken imported directory deployed to the running pipeline is refused; the running detector stays.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(f"{detect}/model.json", broken / "model.json")
+    (broken / "model.onnx").write_bytes(b"not a network")
+    done = subprocess.run([sys.executable, "-m", "services.cli", "models", "deploy", "detect", str(broken), "--config",
+                           str(up.path), "--wait", "60"], cwd=ROOT, env=env_without_plantsight(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    rec = json.loads(done.stdout)
+    running = next(m["model"] for m in results if m["task"] == "detect")
+    assert rec["model"] == running and "not a loadable ONNX model" in rec["refused"]
