@@ -136,22 +136,17 @@ def _variant_tag(model: type[BaseModel], discriminator: str | None) -> str | Non
     return None
 
 
+_BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+_BOUND_TYPES = (annotated_types.Interval, annotated_types.Gt, annotated_types.Ge, annotated_types.Lt,
+                annotated_types.Le)
+
+
 def _constraints(meta: list, sized: str = "items") -> list[str]:
     """``gt``/``ge``/``lt``/``le``, length limits (in ``sized``: characters or items) and patterns, as words."""
     out = []
     for m in meta:
-        if isinstance(m, annotated_types.Interval):
-            out += _constraints([cls(v) for cls, v in ((annotated_types.Gt, m.gt), (annotated_types.Ge, m.ge),
-                                                       (annotated_types.Lt, m.lt), (annotated_types.Le, m.le))
-                                 if v is not None])
-        elif isinstance(m, annotated_types.Gt):
-            out.append(f"> {m.gt}")
-        elif isinstance(m, annotated_types.Ge):
-            out.append(f"≥ {m.ge}")
-        elif isinstance(m, annotated_types.Lt):
-            out.append(f"< {m.lt}")
-        elif isinstance(m, annotated_types.Le):
-            out.append(f"≤ {m.le}")
+        if isinstance(m, _BOUND_TYPES):
+            out += [f"{sign} {getattr(m, attr)}" for attr, sign in _BOUNDS if getattr(m, attr, None) is not None]
         elif isinstance(m, annotated_types.MultipleOf):
             out.append(f"a multiple of {m.multiple_of}")
         elif isinstance(m, annotated_types.MinLen):

@@ -74,17 +74,15 @@ class Predictor:
         """
         if runtime not in RUNTIMES:
             raise ModelError(f"runtime {runtime!r}: must be one of {', '.join(RUNTIMES)}")
-        if path is not None and load_meta(path).imported:
+        if path is not None:
             meta = load_meta(path)
-            model, where = load_imported(path, meta, device), str(path)
-        elif path is not None:
-            if runtime == "auto":
-                only_onnx = not (Path(path) / WEIGHTS).exists() and (Path(path) / ONNX).is_file()
-                runtime = "onnx" if only_onnx else "torch"
-            if runtime == "onnx":
-                model, meta = load_onnx_dir(path, device)
+            if meta.imported:
+                model = load_imported(path, meta, device)
             else:
-                model, meta = load_model_dir(path, device)
+                if runtime == "auto":
+                    only_onnx = not (Path(path) / WEIGHTS).exists() and (Path(path) / ONNX).is_file()
+                    runtime = "onnx" if only_onnx else "torch"
+                model, meta = load_onnx_dir(path, device) if runtime == "onnx" else load_model_dir(path, device)
             if arch is not None and arch != meta.arch:
                 raise ModelError(f"{path}: holds a {meta.arch!r} model, but arch {arch!r} was asked for")
             where = str(path)
