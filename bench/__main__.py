@@ -1,4 +1,5 @@
-"""``python -m bench MODE …`` (also ``plantsight bench MODE …``): pipeline, transport, ingest, engines, soak, quality.
+"""``python -m bench MODE …`` (also ``plantsight bench MODE …``): pipeline, transport, ingest, engines, soak, quality,
+small-data.
 
 Each mode prints one JSON object on stdout; progress goes to stderr.
 """
@@ -14,6 +15,7 @@ MODES = {
     "engines": "bench.engines",
     "soak": "bench.soak",
     "quality": "bench.quality",
+    "small-data": "bench.small_data",
 }
 USAGE = "usage: python -m bench {" + ",".join(MODES) + "} [options]   (MODE --help for its options)"
 

@@ -98,3 +98,19 @@ def test_pipeline_mode_runs_the_real_pipeline_and_the_bare_model(tmp_path, read_
         plain = out["plain_bare_model"]
         assert plain["workers"] == 1 and plain["torch_threads"] == out["torch_threads"] and plain["img_per_s"] > 0
         assert plain["pipeline_vs_plain"] == pytest.approx(out["pipeline_fps"] / plain["img_per_s"], abs=1e-3)
+
+
+def test_small_data_trains_on_photographs_and_plots_the_learning_curves(tmp_path):
+    plot = tmp_path / "curves.png"
+    done = subprocess.run([sys.executable, "-m", "services.cli", "bench", "small-data", "--task", "thermal",
+                           "--n-good", "6", "--n-defect", "6", "--n-test", "3", "--epochs", "2", "--plot", str(plot),
+                           "--json", "--quiet"], cwd=ROOT, env=env_without_plantsight(), capture_output=True, text=True,
+                          timeout=240)
+    out = json.loads(done.stdout)
+    assert done.returncode == (0 if out["all_met"] else 1), done.stderr[-3000:]
+    r = out["tasks"]["thermal"]
+    assert (r["n_train"], r["n_test"], r["epochs_run"]) == (12, 6, 2)
+    assert r["validation"] == "20% of train held out, stratified"
+    assert [h["epoch"] for h in r["history"]] == [1, 2] and all(h["val_loss"] > 0 for h in r["history"])
+    assert r["met"] == (r["metrics"]["mae_k"] <= r["goal"]["value"]) and out["all_met"] == r["met"]
+    assert out["plot"] == str(plot) and plot.stat().st_size > 10_000
