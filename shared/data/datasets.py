@@ -28,8 +28,8 @@ import yaml
 
 from shared.names import TASKS
 
-__all__ = ["DataError", "TaskDataset", "load_split", "detect_layout", "read_rgb", "read_mask", "read_thermal",
-           "IMAGE_EXTS", "SPLITS"]
+__all__ = ["DataError", "TaskDataset", "load_split", "has_split", "stratified_holdout", "detect_layout", "read_rgb",
+           "read_mask", "read_thermal", "IMAGE_EXTS", "SPLITS"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
@@ -169,6 +169,23 @@ class TaskDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"TaskDataset(task={self.task!r}, layout={self.layout!r}, split={self.split!r}, "
                 f"n={len(self)}, root='{self.root}')")
+
+    def subset(self, indices, split: str) -> "TaskDataset":
+        """The items at ``indices`` as a dataset of its own, named ``split``."""
+        return TaskDataset(self.task, self.classes, [self.files[i] for i in indices],
+                           [self._targets[i] for i in indices], root=self.root, split=split, layout=self.layout)
+
+    def stratum(self, i: int) -> int:
+        """What a stratified split keeps in proportion: the class of a picture; for detect and segment
+        whether it shows anything (1) or not (0); 0 for thermal maps."""
+        spec = self._targets[i]
+        if self.task == "classify":
+            return int(spec)
+        if self.task == "detect":
+            return int(len(spec) > 0)
+        if self.task == "segment":
+            return int(spec is not None and bool(read_mask(spec).any()))
+        return 0
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, Any]:
         path, spec = self.files[i], self._targets[i]
@@ -353,6 +370,31 @@ def _thermal(root: Path, split: str) -> TaskDataset:
 
 LOADERS = {"imagefolder": _classify, "yolo": _yolo, "images_masks": _images_masks, "mvtec": _mvtec,
            "thermal": _thermal}
+
+
+def has_split(task: str, root: str | Path, split: str) -> bool:
+    """Whether the dataset in ``root`` holds ``split`` (an MVTec AD folder makes every split from its own)."""
+    root = Path(root)
+    layout = detect_layout(task, root)
+    if layout == "mvtec":
+        return True
+    return (root / "images" / split if layout in ("yolo", "images_masks") else root / split).is_dir()
+
+
+def stratified_holdout(ds: TaskDataset, fraction: float, seed: int = 0) -> tuple[TaskDataset, TaskDataset]:
+    """(train, val): ``fraction`` of each stratum of ``ds`` (at least one picture of each stratum with two
+    or more) held out for validation, drawn with ``seed``."""
+    rng = np.random.default_rng([seed, 104729])
+    strata: dict[int, list[int]] = {}
+    for i in range(len(ds)):
+        strata.setdefault(ds.stratum(i), []).append(i)
+    val: list[int] = []
+    for _, idx in sorted(strata.items()):
+        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        val += rng.permutation(idx)[:max(k, 1 if len(idx) > 1 else 0)].tolist()
+    held = set(val)
+    return (ds.subset([i for i in range(len(ds)) if i not in held], ds.split),
+            ds.subset(sorted(val), "val"))
 
 
 def load_split(task: str, root: str | Path, split: str) -> TaskDataset:

@@ -28,7 +28,7 @@ from torch import nn
 from .detect import nms_per_image
 from .registry import register
 
-__all__ = ["AnchorFreeDet", "ARCH", "STRIDES", "SIZE_RANGES", "decode_anchor_free", "anchor_free_loss",
+__all__ = ["AnchorFreeDet", "ARCH", "PRIOR_LOGIT", "STRIDES", "SIZE_RANGES", "decode_anchor_free", "anchor_free_loss",
            "anchor_free_targets", "level_points"]
 
 ARCH = "anchor_free"
@@ -38,6 +38,8 @@ STRIDES = (8, 16, 32)
 SIZE_RANGES = ((0.0, 32.0), (32.0, 64.0), (64.0, math.inf))
 RADIUS = 2.5  # centre sampling radius, in strides of the level
 MAX_LOG = 8.0  # exp clamp of the box distances: e^8 strides is far beyond any image
+PRIOR = 0.01  # focal-loss prior: every location starts as background at 1 %, so the loss does not start huge
+PRIOR_LOGIT = -math.log((1 - PRIOR) / PRIOR)
 
 
 def _cbr(cin: int, cout: int, k: int = 3, s: int = 1) -> nn.Sequential:
@@ -75,10 +77,9 @@ class AnchorFreeDet(nn.Module):
         self.reg_tower = nn.ModuleList(nn.Sequential(*[_cbr(neck, neck) for _ in range(head_convs)]) for _ in strides)
         self.cls_out = nn.ModuleList(nn.Conv2d(neck, num_classes, 1) for _ in strides)
         self.reg_out = nn.ModuleList(nn.Conv2d(neck, 5, 1) for _ in strides)  # l, t, r, b, centre-ness
-        prior = 0.01  # focal-loss prior: background everywhere at the start
         for conv in self.cls_out:
             nn.init.normal_(conv.weight, std=0.01)
-            nn.init.constant_(conv.bias, -math.log((1 - prior) / prior))
+            nn.init.constant_(conv.bias, PRIOR_LOGIT)
         for conv in self.reg_out:
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.constant_(conv.bias, 0.0)  # every distance starts at one stride

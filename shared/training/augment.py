@@ -1,4 +1,4 @@
-"""Preparing samples as the pipeline does (stretch / letterbox / native thermal), plus the chapter's augmentation.
+"""Preparing samples as the pipeline does (stretch / letterbox / native thermal), and augmenting them.
 
 The pixels a network trains on are the pixels `preprocess` hands to `infer`: classify frames are
 stretched to the input size, detect and segment frames letterboxed (boxes and masks moved with
@@ -70,10 +70,21 @@ def unletterbox_mask(mask: np.ndarray, shape: tuple[int, int], box) -> np.ndarra
     return cv2.resize(np.ascontiguousarray(mask[py:py + nh, px:px + nw]), (w, h), interpolation=cv2.INTER_NEAREST)
 
 
-def _brightness_contrast(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    alpha, beta = rng.uniform(0.8, 1.2), rng.uniform(-25, 25)  # contrast ×0.8–1.2, brightness ±25 levels
-    mean = img.mean()
-    return np.clip((img.astype(np.float32) - mean) * alpha + mean + beta, 0, 255).astype(np.uint8)
+def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What another camera, lamp or lens does to a picture: brightness ±25 levels, contrast and saturation
+    ×0.8–1.2, and now and then a little blur (focus) or noise (gain). Never a hue shift: the colour of a
+    stain, a rust spot or a flame is what the picture is about."""
+    out = img.astype(np.float32)
+    mean = out.mean()
+    out = (out - mean) * rng.uniform(0.8, 1.2) + mean + rng.uniform(-25, 25)
+    if out.ndim == 3 and out.shape[2] == 3:
+        gray = out.mean(axis=2, keepdims=True)
+        out = gray + (out - gray) * rng.uniform(0.8, 1.2)
+    if rng.random() < 0.2:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 1.2)).reshape(out.shape)
+    if rng.random() < 0.2:
+        out = out + rng.normal(0, rng.uniform(2, 6), out.shape).astype(np.float32)
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def _rotate(img: np.ndarray, angle: float, interp: int, border: int) -> np.ndarray:
@@ -84,12 +95,16 @@ def _rotate(img: np.ndarray, angle: float, interp: int, border: int) -> np.ndarr
 
 
 def augment(task: str, img: np.ndarray, target, rng: np.random.Generator):
-    """Horizontal flip, ±10° rotation and brightness/contrast on a prepared sample, the target moved along.
+    """Augment a prepared sample the way plant pictures vary, the target moved along.
 
-    detect: flip + brightness/contrast only — rotating an axis-aligned box can only grow it, which
-    teaches loose boxes. thermal: flip and a linear kelvin change (offset ±2 K, contrast ×0.9–1.1
-    about the mean) whose effect on (max, avg, min) is exact; no rotation, as corners cut off by it
-    could lose the hottest or coldest pixel.
+    classify: horizontal flip, ±10° rotation, then `_photometric`. Never a vertical flip (a reactor's level
+    or a flame has an up and a down), and no cropping (it can cut away the small defect that makes a
+    picture defective, and teach the network that a clean picture is a defective one).
+    segment: flip, ±10° rotation (the mask rotated with nearest-neighbour), photometric.
+    detect: flip and photometric only — rotating an axis-aligned box can only grow it, which teaches
+    loose boxes.
+    thermal: flip and a linear kelvin change (offset ±2 K, contrast ×0.9–1.1 about the mean) whose effect on
+    (max, avg, min) is exact; no rotation, as corners cut off by it could lose the hottest or coldest pixel.
     """
     flip = rng.random() < 0.5
     if task == "thermal":
@@ -111,7 +126,7 @@ def augment(task: str, img: np.ndarray, target, rng: np.random.Generator):
         img = _rotate(np.ascontiguousarray(img), angle, cv2.INTER_LINEAR, cv2.BORDER_REFLECT_101)
         if task == "segment":
             target = _rotate(np.ascontiguousarray(target), angle, cv2.INTER_NEAREST, cv2.BORDER_CONSTANT)
-    img = _brightness_contrast(img, rng)
+    img = _photometric(img, rng)
     return np.ascontiguousarray(img), (np.ascontiguousarray(target) if isinstance(target, np.ndarray) else target)
 
 

@@ -71,11 +71,12 @@ def cmd_synth(args) -> int:
 
 @_guarded
 def cmd_train(args) -> int:
-    from .train import train
+    from .train import PATIENCE, train
 
     res = train(args.task, args.data, args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
                 lr=args.lr, device=args.device, seed=args.seed, freeze=args.freeze, pretrained=args.pretrained,
-                patience=args.patience, scheduler=args.scheduler, progress=True)
+                patience=PATIENCE if args.patience is None else args.patience, scheduler=args.scheduler,
+                progress=True)
     if args.json:
         _print_metrics(res, True)
     else:
@@ -154,7 +155,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--pretrained", metavar="imagenet|FILE",
                     help="transfer architectures: start from torchvision's ImageNet weights (downloaded once into "
                          "torch's cache) or from a state dict FILE")
-    tr.add_argument("--patience", type=int, default=5, metavar="N", help="early stop after N epochs without gain")
+    tr.add_argument("--patience", type=int, metavar="N",
+                    help="stop after N epochs without a lower validation loss, not before half the epochs (default 10)")
     tr.add_argument("--scheduler", choices=("cosine", "step"), default="cosine")
     tr.add_argument("--json", action="store_true", help="print the best validation metrics as one JSON object")
     tr.set_defaults(fn=cmd_train)

@@ -29,12 +29,14 @@ def _save(fig, path) -> Path:
 
 
 def training_curves(history: list[dict], metric: str, path) -> Path:
-    """Training loss and the main validation metric per epoch."""
+    """Training and validation loss, and the main validation metric, per epoch."""
     plt = _plt()
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
-    ax[0].set(xlabel="epoch", ylabel="loss", title="training loss")
+    if any("val_loss" in h for h in history):
+        ax[0].plot(epochs, [h.get("val_loss", np.nan) for h in history], "o-", color="tab:orange", label="val loss")
+    ax[0].set(xlabel="epoch", ylabel="loss", title="loss")
     ax[0].legend()
     vals = [h.get(metric) for h in history]
     ax[1].plot(epochs, [np.nan if v is None else v for v in vals], "o-", color="tab:green", label=f"val {metric}")

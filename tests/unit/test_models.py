@@ -27,8 +27,8 @@ from shared.models import (
     yolo_loss,
 )
 
-ALL_ARCHS = {"simple_cnn", "compact_cnn", "resnet18", "resnet50", "efficientnet_b0", "simple_yolo", "anchor_free",
-             "unet", "unet_small", "thermal_cnn"}
+ALL_ARCHS = {"simple_cnn", "compact_cnn", "small_resnet", "resnet18", "resnet50", "efficientnet_b0", "simple_yolo",
+             "anchor_free", "unet", "unet_small", "thermal_cnn"}
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,8 @@ def test_every_architecture_builds_with_the_described_param_count():
 
 
 @pytest.mark.parametrize("name,shape", [
-    ("simple_cnn", (2, 2)), ("compact_cnn", (2, 2)), ("resnet18", (2, 2)), ("efficientnet_b0", (2, 2)),
+    ("simple_cnn", (2, 2)), ("compact_cnn", (2, 2)), ("small_resnet", (2, 2)), ("resnet18", (2, 2)),
+    ("efficientnet_b0", (2, 2)),
     ("unet_small", (2, 1, 256, 256)),
     ("thermal_cnn", (2, 3)),
 ])
@@ -72,6 +73,23 @@ def test_forward_output_shapes(name, shape):
     with torch.no_grad():
         y = model(torch.randn(2, info.channels, *info.input_size))
     assert tuple(y.shape) == shape
+
+
+def test_small_resnet_starts_at_equal_odds_and_its_score_is_a_soft_maximum_over_places():
+    from shared.models.gradcam import conv_layers
+
+    model = build("small_resnet", num_classes=3).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.zeros(2, 3))  # ln(3) is the first loss, whatever the picture
+        torch.nn.init.normal_(model.score.weight)
+        places = model.score(model.features(x)).flatten(2)  # [2, 3, 14 * 14]
+        y = model(x)
+    assert places.shape[2] == 14 * 14
+    # log-sum-exp pooling lies between the mean and the maximum of the places' scores, nearer the maximum
+    assert bool(((y >= places.mean(2)) & (y <= places.amax(2))).all())
+    # Grad-CAM's default layer (the last Conv2d) is the place scores themselves, after the last residual block
+    assert conv_layers(model)[-2:] == ["features.6.body.3", "score"]
 
 
 def test_simple_yolo_full_size_grid_and_num_classes():
