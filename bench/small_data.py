@@ -29,6 +29,7 @@ from pathlib import Path
 from shared.names import TASKS
 
 from .common import say
+from .quality import METRIC_KEYS
 
 TRAIN_SEED, TEST_SEED = 0, 1
 # (metric, comparison, goal) on the held-out photographs, with the defaults, on two CPU cores.
@@ -37,12 +38,6 @@ GOALS = {
     "detect": ("map50", ">=", 0.5),
     "segment": ("dice", ">=", 0.75),
     "thermal": ("mae_k", "<=", 1.0),
-}
-METRIC_KEYS = {
-    "classify": ("accuracy", "macro_f1"),
-    "detect": ("map50", "map50_95"),
-    "segment": ("dice", "iou", "image_auroc"),
-    "thermal": ("mae_max_k", "mae_avg_k", "mae_min_k", "mae_k"),
 }
 
 

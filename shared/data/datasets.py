@@ -175,6 +175,10 @@ class TaskDataset(torch.utils.data.Dataset):
         return TaskDataset(self.task, self.classes, [self.files[i] for i in indices],
                            [self._targets[i] for i in indices], root=self.root, split=split, layout=self.layout)
 
+    def box_classes(self, i: int) -> list[int]:
+        """detect: the class index of every box of item ``i`` (read from its label file when loaded)."""
+        return [int(c) for c in self._targets[i][:, 0]]
+
     def stratum(self, i: int) -> int:
         """What a stratified split keeps in proportion: the class of a picture; for detect and segment
         whether it shows anything (1) or not (0); 0 for thermal maps."""

@@ -192,7 +192,7 @@ def data_warnings(task: str, arch: str, ds, params: int, *, pretrained: bool) ->
     out = []
     n = len(ds)
     if task == "detect":
-        counts = Counter(int(c) for i in range(n) for c in ds._targets[i][:, 0])
+        counts = Counter(c for i in range(n) for c in ds.box_classes(i))
         names = {i: name for i, name in enumerate(ds.classes)}
         what = "boxes"
     else:
