@@ -37,6 +37,7 @@ from shared.models import ModelError, Predictor, build, default_meta, dice_bce_l
 from shared.models.detect_af import ARCH as ANCHOR_FREE
 from shared.models.detect_af import PRIOR_LOGIT, anchor_free_loss
 from shared.models.registry import get
+from shared.models.segment import PRIOR_LOGIT as SEGMENT_PRIOR_LOGIT
 from shared.names import TASKS
 
 from . import plots
@@ -140,7 +141,7 @@ def train_step(model: nn.Module, predictor: Predictor, opt, x, target, *, scaler
 def uninformed_output(task: str, out: torch.Tensor, inp: torch.Tensor, arch: str | None) -> torch.Tensor:
     """What a network that has learnt nothing yet should answer, shaped like ``out``.
 
-    classify: equal odds for every class (its loss is ln(classes)); segment: 0.5 everywhere; detect: the
+    classify: equal odds for every class (its loss is ln(classes)); segment: the defect prior everywhere; detect: the
     anchor-free head's prior (background at 1 %, every box one stride); thermal: ThermalCNN's designed
     start, the input's own max/avg/min.
     """
@@ -149,6 +150,8 @@ def uninformed_output(task: str, out: torch.Tensor, inp: torch.Tensor, arch: str
     base = torch.zeros_like(out, dtype=torch.float32)
     if task == "detect" and arch == ANCHOR_FREE:
         base[..., 5:] = PRIOR_LOGIT
+    elif task == "segment":
+        base.fill_(SEGMENT_PRIOR_LOGIT)
     return base
 
 

@@ -289,6 +289,20 @@ def test_dice_bce_loss_is_near_zero_when_right_and_large_when_wrong():
     assert torch.allclose(dice_bce_loss(target * 40 - 20, target[:, 0]), good)  # [N,H,W] target too
 
 
+def test_dice_bce_loss_pools_dice_over_the_batch_so_a_good_picture_costs_only_its_false_positives():
+    # One picture of good product (empty mask) with a faint 1 % haze, one defective picture segmented exactly.
+    target = torch.zeros(2, 1, 32, 32)
+    target[1, :, 8:24, 8:24] = 1
+    logits = torch.where(target > 0, torch.tensor(20.0), torch.tensor(math.log(0.01 / 0.99)))
+    logits[1][target[1] == 0] = -20.0
+    prob = logits.sigmoid()
+    expected_dice = 2 * (prob * target).sum() / (prob.sum() + target.sum())  # Σ overlaps over Σ sizes
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    loss = dice_bce_loss(logits, target, smooth=0.0)
+    assert loss.item() == pytest.approx((bce + 1 - expected_dice).item(), rel=1e-6)
+    assert 1 - expected_dice.item() < 0.05  # averaged per picture, the haze alone would cost the Dice term ~0.5
+
+
 # ---- thermal ----------------------------------------------------------------------------------
 
 def test_radiometric_stats_exact():

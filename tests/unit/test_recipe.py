@@ -42,7 +42,7 @@ def photos(tmp_path_factory):
 @pytest.mark.parametrize("task", TASKS)
 def test_each_default_network_starts_at_an_uninformed_loss(task, photos):
     """The first loss of each task's default network is within 25 % of an uninformed network's: ln 2 for the
-    two-class classifier, p = 0.5 everywhere for the segmenter, the prior for the detector, the input's own
+    two-class classifier, the defect prior everywhere for the segmenter, the prior for the detector, the input's own
     statistics for the thermal network."""
     ds = load_split(task, photos / task, "train")
     arch = DEFAULTS[task]["arch"]
