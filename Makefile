@@ -1,12 +1,13 @@
 # make demo: the built-in demo pipeline (synthetic cameras, all four tasks) until Ctrl-C
 # make test: lint (ruff, the import-layer contracts), then the whole test suite against real Redis servers
 #            and real processes
+# make test-quality: the training goals on photographs that take longer than make test allows
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-models test lint install clean
+.PHONY: demo demo-models test test-quality lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +30,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The training goals that take longer than make test allows (about ten minutes on two CPU cores).
+test-quality: $(STAMP)
+	$(PY) -m pytest -m quality $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -54,7 +54,7 @@ __all__ = ["train", "DEFAULTS", "TRANSFER_ARCHS", "compute_loss", "train_step", 
 # detect: the anchor-free multi-scale detector (shared/models/detect_af.py) — SimpleYOLO sees one
 # object per 32-px cell and misses hot spots on equipment; `--arch simple_yolo` still trains it.
 DEFAULTS = {
-    "classify": {"arch": "small_resnet", "epochs": 60, "batch_size": 16, "lr": 2e-3, "n": 500},
+    "classify": {"arch": "small_resnet", "epochs": 100, "batch_size": 8, "lr": 3e-3, "n": 500},
     "detect": {"arch": "anchor_free", "epochs": 10, "batch_size": 8, "lr": 2e-3, "n": 400},
     "segment": {"arch": "unet_small", "epochs": 10, "batch_size": 8, "lr": 1e-3, "n": 400},
     "thermal": {"arch": "thermal_cnn", "epochs": 10, "batch_size": 16, "lr": 1e-3, "n": 500},
