@@ -124,12 +124,18 @@ class Predictor:
         x.copy_(batch.permute(0, 3, 1, 2))
         return x.mul_(self._scale).add_(self._shift)
 
-    def predict(self, batch: torch.Tensor) -> list[dict]:
-        """One result `out` dict per image, in the prepared image's pixels, with plain Python/numpy values."""
+    def predict(self, batch: torch.Tensor, *, maps: bool = False) -> list[dict]:
+        """One result `out` dict per image, in the prepared image's pixels, with plain Python/numpy values.
+
+        `maps` (segment): each result also holds `prob`, the float32 defect (anomaly) probability per pixel,
+        which evaluation ranks; the pipeline does not carry it.
+        """
         batch = self._check(batch)
         if batch.shape[0] == 0:
             return []
         with torch.inference_mode():
+            if self.task == "segment":
+                return self._segment(batch, maps)
             return getattr(self, f"_{self.task}")(batch)
 
     def _classify(self, batch: torch.Tensor) -> list[dict]:
@@ -164,13 +170,17 @@ class Predictor:
             start += n
         return out
 
-    def _segment(self, batch: torch.Tensor) -> list[dict]:
+    def _segment(self, batch: torch.Tensor, maps: bool = False) -> list[dict]:
         if self.meta.layout == "yolo_seg":
             return self._instances(batch)
         prob = self._defect_probability(self.forward(self._normalise(batch)).float(), tuple(batch.shape[1:3]))
         masks = (prob > self.meta.thresholds["mask"]).to(torch.uint8).cpu().numpy()
         prob_max = prob.amax((1, 2)).cpu().tolist()
-        return [{"mask": m, "prob_max": p} for m, p in zip(masks, prob_max)]
+        outs = [{"mask": m, "prob_max": p} for m, p in zip(masks, prob_max)]
+        if maps:
+            for o, m in zip(outs, prob.cpu().numpy()):
+                o["prob"] = m
+        return outs
 
     def _thermal(self, batch: torch.Tensor) -> list[dict]:
         x = batch[..., 0]

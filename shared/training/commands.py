@@ -16,8 +16,8 @@ __all__ = ["add_parsers", "cmd_synth", "cmd_train", "cmd_eval", "cmd_export", "c
 FORMATS = ("onnx", "torchscript")
 
 # Keys printed first in text output (the documented --json keys); everything else follows in --json.
-HEADLINE = ("accuracy", "macro_f1", "map50", "map50_95", "dice", "iou", "image_auroc",
-            "mae_max_k", "mae_avg_k", "mae_min_k")
+HEADLINE = ("accuracy", "macro_f1", "map50", "map50_95", "dice", "iou", "image_auroc", "pixel_auroc", "pro_auc",
+            "threshold", "mae_max_k", "mae_avg_k", "mae_min_k")
 
 
 def _guarded(fn):
@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
     res = train(args.task, args.data, args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
                 lr=args.lr, device=args.device, seed=args.seed, freeze=args.freeze, pretrained=args.pretrained,
                 patience=PATIENCE if args.patience is None else args.patience, scheduler=args.scheduler,
-                progress=True)
+                progress=True, good_only=args.good_only)
     if args.json:
         _print_metrics(res, True)
     else:
@@ -158,6 +158,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--patience", type=int, metavar="N",
                     help="stop after N epochs without a lower validation loss, not before half the epochs (default 10)")
     tr.add_argument("--scheduler", choices=("cosine", "step"), default="cosine")
+    tr.add_argument("--good-only", action="store_true",
+                    help="segment: learn an anomaly map from good pictures alone (MVTec AD's train/good, or a folder "
+                         "of good pictures), with anomalies pasted in; the threshold comes from held-out good ones")
     tr.add_argument("--json", action="store_true", help="print the best validation metrics as one JSON object")
     tr.set_defaults(fn=cmd_train)
 

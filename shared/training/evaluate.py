@@ -74,10 +74,10 @@ def evaluate_dataset(predictor: Predictor, ds, *, batch_size: int = 16, keep: in
     if task == "detect":  # the whole PR curve needs low-confidence detections too
         meta = dataclasses.replace(predictor.meta, thresholds={**predictor.meta.thresholds, "conf": MAP_CONF})
         predictor = Predictor(predictor.model, meta, predictor.device)
-    y_true, y_pred, preds, gts, scores, samples = [], [], [], [], [], []
+    y_true, y_pred, preds, gts, scores, samples, pixel_maps = [], [], [], [], [], [], []
     for group in _batches(predictor, ds, task, batch_size, progress, desc):
         batch = torch.from_numpy(np.stack([g[3] for g in group]))
-        outs = predictor.predict(batch)
+        outs = predictor.predict(batch, maps=task == "segment")
         for (i, image, target, _, box), out in zip(group, outs):
             shape = image.shape[:2]
             if task == "classify":
@@ -94,12 +94,15 @@ def evaluate_dataset(predictor: Predictor, ds, *, batch_size: int = 16, keep: in
                 preds.append(pred)
                 gts.append(np.asarray(target))
                 scores.append(float(out["prob_max"]))
+                if "prob" in out:
+                    pixel_maps.append(M.map_for_ranking(unletterbox_mask(out["prob"], shape, box), np.asarray(target)))
             else:
                 pred = np.asarray(out["cnn"], dtype=np.float64)
                 preds.append(pred)
                 gts.append(np.asarray(target, dtype=np.float64))
             if len(samples) < keep:
-                samples.append({"image": image, "target": target, "pred": pred, "file": str(ds.files[i])})
+                samples.append({"image": image, "target": target, "pred": pred, "file": str(ds.files[i]),
+                                **({"score": float(out["prob_max"])} if task == "segment" else {})})
     classes = list(predictor.meta.classes)
     if task == "classify":
         m = M.classification_metrics(y_true, y_pred, len(classes))
@@ -107,7 +110,7 @@ def evaluate_dataset(predictor: Predictor, ds, *, batch_size: int = 16, keep: in
     elif task == "detect":
         m = M.detection_map(preds, gts, len(classes), class_names=classes)
     elif task == "segment":
-        m = M.segmentation_metrics(preds, gts, scores)
+        m = M.segmentation_metrics(preds, gts, scores, pixel_maps or None)
     else:
         m = M.thermal_mae(np.array(preds).reshape(-1, 3), np.array(gts).reshape(-1, 3))
     m["images"] = len(ds)

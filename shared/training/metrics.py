@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 import torchvision
@@ -210,10 +211,27 @@ def thermal_mae(pred, target) -> dict:
             "mae_k": float(err.mean())}  # the three together: what a checkpoint is chosen on
 
 
-def segmentation_metrics(preds: list, targets: list, scores=None) -> dict:
+RANK_SIDE = 256  # pixel AUROC ranks maps of at most this side: every picture weighs alike, and memory stays small
+
+
+def map_for_ranking(prob: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 probability map, bool target) of one picture, shrunk to at most ``RANK_SIDE`` a side (area
+    average for the map, nearest for the mask), for ``pixel_auroc``."""
+    h, w = target.shape[:2]
+    f = min(1.0, RANK_SIDE / max(h, w))
+    if f < 1.0:
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        prob = cv2.resize(prob.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+        target = cv2.resize(target.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    return prob.astype(np.float32), target.astype(bool)
+
+
+def segmentation_metrics(preds: list, targets: list, scores=None, maps: list | None = None) -> dict:
     """dice, iou pooled over the split (Σ intersections over Σ sizes, so an empty prediction everywhere
     scores 0, not the share of good images); dice_per_image, iou_per_image: per image (both empty = 1.0),
-    then the mean; image_auroc of `scores` vs "has defect pixels"."""
+    then the mean; image_auroc of `scores` vs "has defect pixels"; with `maps` ((probability, target) per
+    picture, from ``map_for_ranking``), pixel_auroc over every pixel of every picture and pro_auc (MVTec AD's
+    per-region overlap, integrated up to a false-positive rate of 0.3)."""
     inter = total = union = 0
     pairs = []
     for p, t in zip(preds, targets):
@@ -229,4 +247,34 @@ def segmentation_metrics(preds: list, targets: list, scores=None) -> dict:
     }
     if scores is not None:
         out["image_auroc"] = auroc(scores, [np.asarray(t).any() for t in targets])
+    if maps:
+        out["pixel_auroc"] = auroc(np.concatenate([p.reshape(-1) for p, _ in maps]),
+                                   np.concatenate([t.reshape(-1) for _, t in maps]))
+        out["pro_auc"] = pro_auc(maps)
     return out
+
+
+def pro_auc(maps: list, max_fpr: float = 0.3, steps: int = 200) -> float | None:
+    """MVTec AD's PRO score: for thresholds from high to low, the mean overlap of each connected defect
+    region with the pixels above the threshold, against the false-positive rate on defect-free pixels;
+    the area under that curve up to ``max_fpr``, divided by ``max_fpr`` (1.0 is perfect). None without
+    defect regions or defect-free pixels."""
+    regions, negatives = [], []
+    for prob, target in maps:
+        n, labels = cv2.connectedComponents(target.astype(np.uint8), connectivity=8)
+        for k in range(1, n):
+            regions.append(prob[labels == k])
+        negatives.append(prob[~target])
+    neg = np.concatenate(negatives) if negatives else np.empty(0)
+    if not regions or neg.size == 0:
+        return None
+    # Thresholds at quantiles of the defect-free pixels sample the FPR axis evenly; ±inf close the curve at
+    # (0, 0) and (1, 1), and between two thresholds it is a straight line (ties, as in a ROC curve).
+    thresholds = np.unique(np.concatenate([np.quantile(neg, np.linspace(0.0, 1.0, steps + 1)), [-np.inf, np.inf]]))
+    fpr = np.array([(neg > t).mean() for t in thresholds])
+    pro = np.array([np.mean([(r > t).mean() for r in regions]) for t in thresholds])
+    order = np.lexsort((pro, fpr))
+    fpr, pro = fpr[order], pro[order]
+    keep = fpr <= max_fpr
+    fpr, pro = np.append(fpr[keep], max_fpr), np.append(pro[keep], np.interp(max_fpr, fpr, pro))
+    return float(np.trapezoid(pro, fpr) / max_fpr)

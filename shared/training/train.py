@@ -36,11 +36,12 @@ from shared.data.datasets import DataError, has_split, stratified_holdout
 from shared.models import ModelError, Predictor, build, default_meta, dice_bce_loss, save_model_dir, yolo_loss
 from shared.models.detect_af import ARCH as ANCHOR_FREE
 from shared.models.detect_af import PRIOR_LOGIT, anchor_free_loss
+from shared.models.modeldir import load_model_dir
 from shared.models.registry import get
 from shared.models.segment import PRIOR_LOGIT as SEGMENT_PRIOR_LOGIT
 from shared.names import TASKS
 
-from . import plots
+from . import anomaly, plots
 from .augment import PreparedDataset, collate, network_input
 from .evaluate import MAIN_METRIC, _load_split, evaluate_dataset, jsonable, resolve_device
 
@@ -313,6 +314,33 @@ def _splits(task: str, data_dir, seed: int, progress: bool):
     return train_ds, val_ds, how
 
 
+def _good_only_splits(data_dir, seed: int, progress: bool):
+    """(train, val, held-out good pictures, how val was made) for good-only training: a share of the good
+    pictures held out, validated with anomalies pasted in at fixed draws."""
+    good = anomaly.good_pictures(data_dir)
+    train_good, val_good = stratified_holdout(good, VAL_FRACTION, seed)
+    if len(train_good) == 0 or len(val_good) == 0:
+        raise DataError(f"{data_dir}: {len(good)} good pictures are too few to hold some out for the threshold")
+    how = f"{VAL_FRACTION:.0%} of the good pictures held out, with anomalies pasted in"
+    if progress:
+        print(f"good-only training on {len(train_good)} good pictures of {data_dir}; {len(val_good)} held out for "
+              f"validation and the anomaly threshold", file=sys.stderr)
+    return (anomaly.SyntheticAnomalies(train_good, seed), anomaly.SyntheticAnomalies(val_good, seed + 1),
+            val_good, how)
+
+
+def _set_good_threshold(out: Path, good, dev: torch.device, batch_size: int) -> float:
+    """Store in the saved model the mask threshold that held-out good pictures stay under; returns it."""
+    model, meta = load_model_dir(out, dev)
+    _, samples = evaluate_dataset(Predictor(model, meta, dev), good, batch_size=batch_size, keep=len(good))
+    threshold = anomaly.good_threshold([s["score"] for s in samples])
+    meta.thresholds = {**meta.thresholds, "mask": round(threshold, 6)}
+    meta.metrics = {**meta.metrics, "training": anomaly.GOOD_ONLY,
+                    "threshold_from": f"{anomaly.THRESHOLD_QUANTILE:.1%} of {len(good)} held-out good pictures' scores"}
+    save_model_dir(out, model, meta)
+    return threshold
+
+
 def _class_weight(task: str, ds, dev: torch.device) -> torch.Tensor | None:
     """Inverse class frequency, scaled so that a balanced split has every weight 1."""
     if task != "classify":
@@ -326,9 +354,13 @@ def _class_weight(task: str, ds, dev: torch.device) -> torch.Tensor | None:
 def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int | None = None,
           batch_size: int | None = None, lr: float | None = None, device: str = "auto", seed: int = 0,
           freeze: bool | None = None, pretrained=None, patience: int | None = PATIENCE, scheduler: str = "cosine",
-          progress: bool = True, options: dict | None = None) -> dict:
+          progress: bool = True, options: dict | None = None, good_only: bool = False) -> dict:
     """Train `task` on DATA_DIR's train split, validate on its val split (or a stratified share of train),
     keep the checkpoint with the lowest validation loss in OUT_DIR.
+
+    `good_only` (segment): learn from good pictures alone, with anomalies pasted in (shared/training/anomaly.py);
+    DATA_DIR is MVTec AD's folder (its train/good) or a folder of good pictures, and the saved model's mask
+    threshold is set from held-out good pictures.
 
     Returns that epoch's validation metrics with model_dir, version, best_epoch, epochs_run, history, curves,
     initial_loss and expected_initial_loss, validation (how the val split was made), warnings and seconds.
@@ -348,12 +380,21 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = False
 
-    train_ds, val_ds, validation = _splits(task, data_dir, seed, progress)
+    if good_only:
+        if task != "segment":
+            raise ValueError(f"good-only training is for the segment task (an anomaly map), not {task}")
+        train_ds, val_ds, held_good, validation = _good_only_splits(data_dir, seed, progress)
+    else:
+        train_ds, val_ds, validation = _splits(task, data_dir, seed, progress)
     model, meta = _build(task, arch, list(train_ds.classes), dev, freeze, pretrained, options)
     predictor = Predictor(model, meta, dev)  # its normalisation, and the validation path
     size = tuple(meta.input_size)
     params = sum(p.numel() for p in model.parameters())
-    warnings = data_warnings(task, arch, train_ds, params, pretrained=pretrained is not None)
+    if good_only:
+        warnings = [w for w in data_warnings(task, arch, train_ds.good, params, pretrained=pretrained is not None)
+                    if "with a defect" not in w]
+    else:
+        warnings = data_warnings(task, arch, train_ds, params, pretrained=pretrained is not None)
 
     tr = PreparedDataset(train_ds, task, size, meta.normalisation, train=True, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -388,6 +429,8 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
     for epoch in range(1, epochs + 1):
         t0 = time.monotonic()
         tr.epoch = epoch
+        if good_only:
+            train_ds.epoch = epoch  # fresh anomalies every epoch
         model.train()
         total, seen = 0.0, 0
         bar = tqdm(loader, desc=f"{task} epoch {epoch}/{epochs}", unit="batch", file=sys.stderr,
@@ -424,6 +467,8 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
                 if progress:
                     print(f"early stop: no lower validation loss for {patience} epochs", file=sys.stderr)
                 break
+    if good_only:
+        best_metrics["threshold"] = _set_good_threshold(out, held_good, dev, batch_size)
     curves = plots.training_curves(history, key, out / CURVES)
     return jsonable({"task": task, "arch": arch, "model_dir": str(out), "version": meta.version,
                      "best_epoch": best_epoch, "epochs_run": len(history), **best_metrics, "val_loss": best,

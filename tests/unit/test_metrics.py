@@ -118,3 +118,50 @@ def test_detection_map_gives_the_score_threshold_of_the_best_f1():
     m = M.detection_map([preds], [gt], 1)
     assert m["best_conf"] == 0.6 and m["best_f1"] == pytest.approx(0.8)
     assert M.detection_map([[]], [gt], 1)["best_conf"] is None
+
+
+def _two_regions(b_score: float):
+    """A 4×4 picture with defect regions A (two pixels, scored 1.0) and B (two pixels, scored ``b_score``);
+    its twelve defect-free pixels score from 0.1 to 0.2, each another value."""
+    target = np.zeros((4, 4), bool)
+    target[0, 0:2] = True  # A
+    target[3, 2:4] = True  # B
+    prob = np.zeros((4, 4), np.float32)
+    prob[~target] = np.linspace(0.1, 0.2, 12)
+    prob[0, 0:2] = 1.0
+    prob[3, 2:4] = b_score
+    return prob, target
+
+
+def test_pixel_auroc_and_pro_of_hand_made_maps():
+    perfect = M.segmentation_metrics([np.zeros((4, 4))], [_two_regions(1.0)[1]], maps=[_two_regions(1.0)])
+    assert perfect["pixel_auroc"] == 1.0 and perfect["pro_auc"] == pytest.approx(1.0)
+    # B scored below every defect-free pixel: half the defect pixels ranked first (AUROC 24/48), and half the
+    # regions found at every false-positive rate up to 0.3 (PRO 0.5), though B is as large as A
+    half = M.segmentation_metrics([np.zeros((4, 4))], [_two_regions(0.0)[1]], maps=[_two_regions(0.0)])
+    assert half["pixel_auroc"] == pytest.approx(0.5) and half["pro_auc"] == pytest.approx(0.5)
+
+
+def test_pro_of_a_random_map_is_the_mean_false_positive_rate():
+    # Scores unrelated to the defects: each region's overlap equals the FPR, so the normalised area up to
+    # FPR 0.3 is 0.15 (and the pixel AUROC 0.5).
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(4):
+        target = np.zeros((128, 128), bool)
+        for _ in range(5):
+            y, x = rng.integers(0, 110, 2)
+            target[y:y + 16, x:x + 16] = True
+        maps.append((rng.random((128, 128)).astype(np.float32), target))
+    m = M.segmentation_metrics([np.zeros((128, 128))] * 4, [t for _, t in maps], maps=maps)
+    assert m["pro_auc"] == pytest.approx(0.15, abs=0.02) and m["pixel_auroc"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_map_for_ranking_shrinks_large_pictures_and_keeps_small_ones():
+    prob, target = np.random.default_rng(1).random((600, 900)), np.zeros((600, 900), np.uint8)
+    target[:300] = 1
+    p, t = M.map_for_ranking(prob, target)
+    assert p.shape == t.shape == (171, 256) and p.dtype == np.float32 and t.dtype == bool
+    assert t[:80].all() and not t[90:].any()
+    p, t = M.map_for_ranking(prob[:100, :200], target[:100, :200])
+    assert p.shape == (100, 200) and t.all()
