@@ -129,7 +129,7 @@ class Condition:
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "classify": ("label", "index", "prob", "prob."),
     "detect": ("count", "count.", "max_score", "max_score."),
-    "segment": ("defect_ratio", "regions", "max_region_area"),
+    "segment": ("defect_ratio", "regions", "max_region_area", "anomaly_area", "anomaly_score"),
     "thermal": ("max_k", "avg_k", "min_k", "hotspots", "rise_k_per_min"),
 }
 KEYWORDS = ("True", "False")
@@ -231,6 +231,8 @@ def fields_of(task: str, out: dict, zone: Zone | None = None, *, kelvin: np.ndar
             f["defect_ratio"] = None
         f["regions"] = len(regions)
         f["max_region_area"] = max([r[4] for r in regions], default=0)
+        f["anomaly_area"] = sum(r[4] for r in regions)
+        f["anomaly_score"] = out.get("score")  # the frame's highest defect (anomaly) probability, zone or not
     elif task == "thermal":
         spots = [s for s in out.get("hotspots", []) if _centre_in(zone, s[0], s[1])]
         if zone is None:

@@ -65,6 +65,8 @@ def to_original(task: str, out: dict, msg: Prepared) -> dict:
         return {"boxes": boxes_to_original(out["boxes"], msg), "classes": out["classes"]}
     if task == "segment":
         res = segment_out(out["mask"], msg)
+        if "prob_max" in out:  # the frame's anomaly score: its highest defect probability
+            res["score"] = round(float(out["prob_max"]), 5)
         if "instances" in out:  # an instance segmenter's boxes, as a detector's
             res["instances"] = boxes_to_original(out["instances"], msg)
         return res

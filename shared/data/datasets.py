@@ -332,8 +332,14 @@ def _images_masks(root: Path, split: str) -> TaskDataset:
     return TaskDataset("segment", ["defect"], files, masks, root=root, split=split, layout="images_masks")
 
 
-def mvtec_items(root: Path, split: str) -> list[tuple[Path, Path | None]]:
-    """(image, mask or None) of an MVTec AD folder's ``train``/``val``/``test`` split (see module docs)."""
+def mvtec_items(root: Path, split: str, all_test: bool = False) -> list[tuple[Path, Path | None]]:
+    """(image, mask or None) of an MVTec AD folder's ``train``/``val``/``test`` split.
+
+    Trained with labels, a segmenter learns from 4/5 of the defective images of ``test/`` (MVTec has no
+    defective training images) and 4/5 of ``train/good``; validation is the other 1/5 of each; the test
+    split is ``test/good`` and the defective images training never saw. ``all_test``: the whole of
+    ``test/``, for a model trained on good pictures only (``train --good-only`` reads only ``train/good``).
+    """
     test = _split_dir(root / "test", "test")
     items: list[tuple[Path, Path | None]] = []
     for d in _subdirs(test):
@@ -345,11 +351,13 @@ def mvtec_items(root: Path, split: str) -> list[tuple[Path, Path | None]]:
             if not mask.is_file():
                 raise DataError(f"{img}: defective test image has no mask (expected {mask})")
             items.append((img, mask))
-    if split == "test":
-        return _nonempty(items, test)
-    # MVTec has no defective training images: train on 4/5 of the defective test images (and
-    # 4/5 of train/good as negatives); the rest is validation. Sorted paths keep it repeatable.
     defective = sorted((it for it in items if it[1] is not None), key=lambda it: it[0])
+    if split == "test":
+        if all_test:
+            return _nonempty(items, test)
+        unseen = {p for i, (p, _) in enumerate(defective) if i % MVTEC_VAL_EVERY == 0}
+        return _nonempty([it for it in items if it[1] is None or it[0] in unseen], test)
+    # Sorted paths keep the split repeatable.
     good_dir = root / "train" / "good"
     good = [(p, None) for p in _images(good_dir)] if good_dir.is_dir() else []
     want_val = split == "val"
@@ -358,8 +366,8 @@ def mvtec_items(root: Path, split: str) -> list[tuple[Path, Path | None]]:
     return _nonempty(picked, root, f"{split} images (defective test/ images or train/good)")
 
 
-def _mvtec(root: Path, split: str) -> TaskDataset:
-    items = mvtec_items(root, split)
+def _mvtec(root: Path, split: str, all_test: bool = False) -> TaskDataset:
+    items = mvtec_items(root, split, all_test)
     return TaskDataset("segment", ["defect"], [p for p, _ in items], [m for _, m in items],
                        root=root, split=split, layout="mvtec")
 
@@ -401,9 +409,14 @@ def stratified_holdout(ds: TaskDataset, fraction: float, seed: int = 0) -> tuple
             ds.subset(sorted(val), "val"))
 
 
-def load_split(task: str, root: str | Path, split: str) -> TaskDataset:
-    """The ``split`` ("train", "val" or "test") of the ``task`` dataset in ``root``; DataError if unusable."""
+def load_split(task: str, root: str | Path, split: str, *, good_only_model: bool = False) -> TaskDataset:
+    """The ``split`` ("train", "val" or "test") of the ``task`` dataset in ``root``; DataError if unusable.
+    ``good_only_model``: the split evaluates a model that saw good pictures only (an MVTec AD folder's test
+    split is then the whole of ``test/``)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     root = Path(root)
-    return LOADERS[detect_layout(task, root)](root, split)
+    layout = detect_layout(task, root)
+    if layout == "mvtec":
+        return _mvtec(root, split, all_test=good_only_model)
+    return LOADERS[layout](root, split)

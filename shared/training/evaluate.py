@@ -16,8 +16,8 @@ from shared.data.datasets import DataError, load_split
 from shared.models import ModelError, Predictor
 from shared.names import TASKS
 
+from . import anomaly, plots
 from . import metrics as M
-from . import plots
 from .augment import prepare, unletterbox_boxes, unletterbox_mask
 
 __all__ = ["evaluate", "evaluate_predictions", "evaluate_dataset", "resolve_device", "MAIN_METRIC", "jsonable"]
@@ -130,7 +130,8 @@ def evaluate(task: str, model_dir, data_dir, split: str = "val", out_dir=None, d
         raise ModelError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     dev = resolve_device(device)
     predictor = Predictor.from_spec(task, path=str(model_dir), device=dev)
-    ds = _load_split(task, data_dir, split)
+    ds = load_split(task, Path(data_dir), split,
+                    good_only_model=predictor.meta.metrics.get("training") == anomaly.GOOD_ONLY)
     _check_classes(task, predictor.meta.classes, ds, model_dir, data_dir)
     m, samples = evaluate_dataset(predictor, ds, keep=PLOT_IMAGES, progress=progress, desc=f"eval {task}")
     out = Path(out_dir) if out_dir is not None else Path(model_dir) / f"eval-{split}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.alerting.service import AlertService
-from services.inference.postprocess import boxes_to_original, mask_to_original, segment_out
+from services.inference.postprocess import boxes_to_original, mask_to_original, segment_out, to_original
 from services.inference.service import InferService
 from shared.config import load_config
 from shared.imaging import letterbox
@@ -100,6 +100,8 @@ def test_boxes_and_masks_map_back_to_the_original_frame_exactly():
     out = segment_out(mask, msg)
     assert len(out["regions"]) == 1 and out["regions"][0][4] == int(full.sum())
     assert out["defect_ratio"] == pytest.approx(full.sum() / (400 * 300))
+    # the frame's anomaly score travels with the mask: the segmenter's highest defect probability
+    assert to_original("segment", {"mask": mask, "prob_max": 0.734567}, msg)["score"] == 0.73457
 
 
 def thermal_result(seq: int, max_k: float) -> Result:

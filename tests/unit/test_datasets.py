@@ -251,9 +251,14 @@ def test_mvtec_splits(tmp_path):
     assert rel["train"] == ["test/crack/001.png", "test/crack/002.png", "test/scratch/000.png",
                             "test/scratch/001.png", "train/good/001.png", "train/good/002.png",
                             "train/good/003.png", "train/good/004.png"]
-    assert rel["test"] == ["test/crack/000.png", "test/crack/001.png", "test/crack/002.png", "test/good/000.png",
-                           "test/good/001.png", "test/scratch/000.png", "test/scratch/001.png",
-                           "test/scratch/002.png"]
+    # test: test/good and the defective images training did not see; the whole of test/ for a model that saw
+    # good pictures only
+    assert rel["test"] == ["test/crack/000.png", "test/good/000.png", "test/good/001.png", "test/scratch/002.png"]
+    whole = load_split("segment", tmp_path, "test", good_only_model=True)
+    assert [f.relative_to(tmp_path).as_posix() for f in whole.files] == [
+        "test/crack/000.png", "test/crack/001.png", "test/crack/002.png", "test/good/000.png", "test/good/001.png",
+        "test/scratch/000.png", "test/scratch/001.png", "test/scratch/002.png"]
+    assert not set(rel["train"]) & set(rel["test"])
     assert [f.name for f in load_split("segment", tmp_path, "train").files] == [f.name for f in split["train"].files]
     for s, ds in split.items():
         assert ds.classes == ["defect"] and ds.layout == "mvtec"

@@ -137,9 +137,10 @@ def test_fields_of_detect():
 def test_fields_of_segment():
     out = {"defect_ratio": 0.03125, "regions": [[1, 2, 3, 4, 12], [5, 6, 7, 8, 40], [0, 0, 2, 2, 4]],
            "mask": b"\x89PNG"}
-    assert fields_of("segment", out) == {"defect_ratio": 0.03125, "regions": 3, "max_region_area": 40}
-    assert fields_of("segment", {"defect_ratio": 0.0, "regions": []}) == {
-        "defect_ratio": 0.0, "regions": 0, "max_region_area": 0}
+    assert fields_of("segment", out) == {"defect_ratio": 0.03125, "regions": 3, "max_region_area": 40,
+                                         "anomaly_area": 56, "anomaly_score": None}
+    assert fields_of("segment", {"defect_ratio": 0.0, "regions": [], "score": 0.012}) == {
+        "defect_ratio": 0.0, "regions": 0, "max_region_area": 0, "anomaly_area": 0, "anomaly_score": 0.012}
 
 
 def test_fields_of_thermal_and_unknown_task():
@@ -250,11 +251,13 @@ def test_segment_fields_in_a_zone_measure_the_mask_inside():
     mask = np.zeros((60, 80), np.uint8)
     mask[10:20, 10:30] = 255  # 200 px, all inside the 1200 px zone
     mask[50:60, 60:80] = 255  # 200 px outside
-    out = {"defect_ratio": 400 / 4800, "regions": [[10, 10, 20, 10, 200], [60, 50, 20, 10, 200]]}
+    out = {"defect_ratio": 400 / 4800, "regions": [[10, 10, 20, 10, 200], [60, 50, 20, 10, 200]], "score": 0.9}
     f = fields_of("segment", out, SQUARE, mask=mask)
-    assert f == {"defect_ratio": 200 / 1200, "regions": 1, "max_region_area": 200}
+    assert f == {"defect_ratio": 200 / 1200, "regions": 1, "max_region_area": 200, "anomaly_area": 200,
+                 "anomaly_score": 0.9}
     assert fields_of("segment", out, SQUARE)["defect_ratio"] is None  # no mask: not measured, rules do not hold
-    assert fields_of("segment", out) == {"defect_ratio": 400 / 4800, "regions": 2, "max_region_area": 200}
+    assert fields_of("segment", out) == {"defect_ratio": 400 / 4800, "regions": 2, "max_region_area": 200,
+                                         "anomaly_area": 400, "anomaly_score": 0.9}
 
 
 def test_thermal_fields_in_a_zone_over_its_pixels_or_its_hotspots():
