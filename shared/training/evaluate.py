@@ -111,6 +111,9 @@ def evaluate_dataset(predictor: Predictor, ds, *, batch_size: int = 16, keep: in
         m = M.detection_map(preds, gts, len(classes), class_names=classes)
     elif task == "segment":
         m = M.segmentation_metrics(preds, gts, scores, pixel_maps or None)
+        # for the score plot; evaluate() takes it out of what it returns, as it does detect's PR curves
+        m["scores"] = {"good": [s for s, t in zip(scores, gts) if not np.asarray(t).any()],
+                       "defective": [s for s, t in zip(scores, gts) if np.asarray(t).any()]}
     else:
         m = M.thermal_mae(np.array(preds).reshape(-1, 3), np.array(gts).reshape(-1, 3))
     m["images"] = len(ds)
@@ -142,7 +145,11 @@ def evaluate(task: str, model_dir, data_dir, split: str = "val", out_dir=None, d
                                                                  out / "confusion_matrix.png"))
     elif task == "detect":
         written["pr_curves"] = str(plots.pr_curves(m["pr"], out / "pr_curves.png"))
+    elif task == "segment" and m["scores"]["good"] and m["scores"]["defective"]:
+        written["scores"] = str(plots.image_scores(m["scores"], predictor.meta.thresholds.get("mask"),
+                                                   out / "scores.png"))
     m.pop("pr", None)
+    m.pop("scores", None)
     return {"task": task, "model": str(model_dir), "version": predictor.version, "data": str(data_dir),
             "split": split, **m, "plots": written}
 

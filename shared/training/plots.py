@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["training_curves", "confusion_matrix", "pr_curves", "prediction_grid"]
+from .metrics import auroc
+
+__all__ = ["training_curves", "confusion_matrix", "pr_curves", "image_scores", "prediction_grid"]
 
 
 def _plt():
@@ -74,6 +76,29 @@ def pr_curves(pr: dict, path) -> Path:
     ax.grid(alpha=0.3)
     if pr:
         ax.legend(loc="lower left")
+    return _save(fig, path)
+
+
+def image_scores(scores: dict, threshold: float | None, path) -> Path:
+    """A segmenter's picture scores (the maximum of each defect map): the ROC curve of defective against
+    good pictures, and both histograms with the model's threshold."""
+    plt = _plt()
+    good, bad = np.asarray(scores["good"], float), np.asarray(scores["defective"], float)
+    fig, (roc, hist) = plt.subplots(1, 2, figsize=(10, 4))
+    ts = np.unique(np.concatenate([good, bad, [np.inf]]))[::-1]
+    roc.plot([(good >= t).mean() for t in ts], [(bad >= t).mean() for t in ts], color="tab:blue")
+    roc.plot([0, 1], [0, 1], color="gray", ls=":")
+    area = auroc(np.concatenate([good, bad]), np.r_[np.zeros(len(good)), np.ones(len(bad))])
+    roc.set(xlabel="good pictures flagged", ylabel="defective pictures flagged",
+            title=f"ROC of picture scores (AUROC {area:.3f})")
+    both = np.concatenate([good, bad, [threshold] if threshold is not None else []])
+    bins = np.linspace(both.min(), both.max() + 1e-9, 41)  # the scores' own range: good ones can all be near 0
+    hist.hist(good, bins=bins, alpha=0.6, label=f"good ({len(good)})", color="tab:green")
+    hist.hist(bad, bins=bins, alpha=0.6, label=f"defective ({len(bad)})", color="tab:red")
+    if threshold is not None:
+        hist.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.3g}")
+    hist.set(xlabel="picture score (highest defect probability)", ylabel="pictures", title="scores")
+    hist.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -447,6 +447,7 @@ def train(task: str, data_dir, out_dir, *, arch: str | None = None, epochs: int 
         metrics, _ = evaluate_dataset(averaged, val_ds, batch_size=batch_size, progress=progress,
                                       desc=f"{task} val {epoch}")
         metrics.pop("pr", None)
+        metrics.pop("scores", None)
         value = metrics.get(key)
         history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss, "lr": cur_lr,
                         key: value, "seconds": round(time.monotonic() - t0, 2)})
