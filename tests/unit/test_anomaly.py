@@ -3,12 +3,20 @@ the threshold it sets."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
 
+from bench.photo_defects import write_photo_dataset
 from shared.data.datasets import DataError
 from shared.training import anomaly as A
+from tests.support.environment import env_without_plantsight
+from tests.support.paths import ROOT
 
 
 def _surface(rng, shape=(128, 128)):
@@ -77,3 +85,47 @@ def test_the_threshold_is_just_above_the_good_pictures_quantile():
     assert A.good_threshold([0.3]) > 0.3
     with pytest.raises(DataError, match="held-out good"):
         A.good_threshold([])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env_without_plantsight(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_good_only_training_reads_train_good_only_and_sets_the_threshold_from_good_pictures(tmp_path):
+    """`train segment --good-only` on an MVTec AD folder whose test/ could not even be read; then `eval` on the
+    whole of test/ ranks pixels and plots the picture scores."""
+    mvtec = tmp_path / "mvtec"
+    write_photo_dataset("segment", tmp_path / "photos", n_good=30, n_defect=0, split="train", seed=0)
+    (mvtec / "train").mkdir(parents=True)
+    (tmp_path / "photos" / "images" / "train").rename(mvtec / "train" / "good")
+    for d in ("crack", "good"):
+        (mvtec / "test" / d).mkdir(parents=True)
+        (mvtec / "test" / d / "000.png").write_bytes(b"not a picture")  # read for training, it would fail
+    done = _cli("train", "segment", "--good-only", "--data", str(mvtec), "--out", str(tmp_path / "m"),
+                "--epochs", "1", "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["thresholds"]["mask"] == pytest.approx(res["threshold"], abs=1e-6) and 0 < res["threshold"] <= 1
+    assert meta["metrics"]["training"] == A.GOOD_ONLY
+    assert meta["metrics"]["threshold_from"] == "99.5% of 6 held-out good pictures' scores"
+    assert "24 good pictures" in done.stderr and "6 held out" in done.stderr
+
+    # the whole of test/ is the evaluation of a model that saw none of it
+    write_photo_dataset("segment", tmp_path / "test", n_good=3, n_defect=3, split="test", seed=1)
+    shutil.rmtree(mvtec / "test")
+    for i, img in enumerate(sorted((tmp_path / "test" / "images" / "test").glob("*.png"))):
+        mask = tmp_path / "test" / "masks" / "test" / img.name
+        kind = "good" if not cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE).any() else "crack"
+        (mvtec / "test" / kind).mkdir(parents=True, exist_ok=True)
+        img.rename(mvtec / "test" / kind / f"{i:03d}.png")
+        if kind == "crack":
+            (mvtec / "ground_truth" / "crack").mkdir(parents=True, exist_ok=True)
+            mask.rename(mvtec / "ground_truth" / "crack" / f"{i:03d}_mask.png")
+    done = _cli("eval", "segment", "--model", str(tmp_path / "m"), "--data", str(mvtec), "--split", "test",
+                "--out", str(tmp_path / "eval"), "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ev = json.loads(done.stdout)
+    assert ev["images"] == 6 and 0 <= ev["pixel_auroc"] <= 1 and 0 <= ev["pro_auc"] <= 1
+    assert 0 <= ev["image_auroc"] <= 1 and (tmp_path / "eval" / "scores.png").stat().st_size > 10_000
