@@ -110,7 +110,11 @@ def cmd_alerts(args) -> int:
     keys, r = Keys(cfg.redis.prefix), connect(cfg.redis)
     if getattr(args, "alerts_command", None) == "ack":
         try:
-            record = acks.acknowledge(r, keys.prefix, args.id, args.by or getpass.getuser(), args.note or "")
+            record = acks.acknowledge(r, keys.prefix, args.id, args.by or getpass.getuser(), args.note or "",
+                                      verdict=args.verdict)
+        except acks.BadVerdict as e:
+            print(f"plantsight alerts ack: {e}", file=sys.stderr)
+            return 2
         except acks.UnknownAlert:
             print(f"plantsight alerts ack: no alert {args.id} on {keys.alerts}", file=sys.stderr)
             return 1
@@ -128,12 +132,14 @@ def cmd_alerts(args) -> int:
     if args.json:
         print(json.dumps({"alerts": rows}))
         return 0
-    print(f"{'id':<36} {'time (UTC)':<19} {'state':<8} {'severity':<8} {'rule':<20} {'camera':<14} {'value':>9}  acked")
+    print(f"{'id':<36} {'time (UTC)':<19} {'state':<8} {'severity':<8} {'rule':<20} {'camera':<14} {'value':>9}  "
+          f"{'verdict':<11}  acked")
     for a in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["ts"] / 1e9))
         acked = f"by {a['acked']['by']}" if a["acked"] else "-"
+        verdict = (a["acked"] or {}).get("verdict") or "-"
         print(f"{a['id']:<36} {when:<19} {a['state']:<8} {a['severity']:<8} {a['rule']:<20} {a['camera']:<14} "
-              f"{a['value']:>9.6g}  {acked}")
+              f"{a['value']:>9.6g}  {verdict:<11}  {acked}")
     return 0
 
 
@@ -273,6 +279,9 @@ def parser() -> argparse.ArgumentParser:
     ack.add_argument("id", help="the alert id (plantsight alerts lists them)")
     ack.add_argument("--by", metavar="NAME", help="who acknowledges (default: the login name)")
     ack.add_argument("--note", metavar="TEXT", help="a short note kept with the acknowledgement")
+    ack.add_argument("--verdict", metavar="VERDICT",
+                     help="the operator's judgement, confirmed or false_alarm; it may be added to an earlier "
+                          "acknowledgement that has none, and is not changed once given")
     g = ack.add_mutually_exclusive_group()  # SUPPRESS: given before 'ack' (alerts --demo ack ID) they still count
     g.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS, help="plantsight.yaml")
     g.add_argument("--demo", action="store_true", default=argparse.SUPPRESS, help="the built-in demo config")

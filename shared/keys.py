@@ -15,7 +15,7 @@ key                               type    what it holds
 ``{P}:cameras``                   hash    camera id → JSON status from ingest (up, fps, last frame, frozen…)
 ``{P}:seq``                       hash    camera id → the end of the block of frame numbers ingest reserved
 ``{P}:alert-state``               hash    ``rule|camera|scope`` → JSON episode state of the alert service
-``{P}:alert-acks``                hash    alert id → JSON acknowledgement ``{"by", "at", "note"}``
+``{P}:alert-acks``                hash    alert id → JSON acknowledgement ``{"by", "at", "note", "verdict"…}``
 ``{P}:sink-state:<sink>``         hash    the episodes a stateful sink (mqtt, alertmanager) has firing
 ``{P}:models:deploy``             hash    task → JSON ``{"path", "at"}``: the model directory asked for
 ``{P}:models:active``             hash    task → JSON: the model infer runs, or the refusal and its reason

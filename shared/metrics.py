@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 
+import redis
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily
 
@@ -111,3 +112,43 @@ class ModelCpu:
 
 
 MODEL_CPU = ModelCpu()
+
+
+class AlertVerdicts:
+    """``plantsight_alert_verdicts_total{rule,verdict}`` (alert service only): acknowledgements carrying an
+    operator's verdict, per rule. The viewer, the CLI and the alert service all write verdicts, so no one
+    process can count them as they happen: the acknowledgements hash in Redis is counted when Prometheus
+    scrapes (``watch`` names how). The known rules' series exist at zero from the first scrape; while Redis
+    is away the family has no samples rather than failing the whole scrape."""
+
+    NAME, HELP = "plantsight_alert_verdicts", "Acknowledged alerts an operator judged, by rule and verdict"
+
+    def __init__(self):
+        self._count = None
+        self._zeros: dict[tuple[str, str], int] = {}
+        self._registered = False
+
+    def watch(self, count, rules, verdicts) -> None:
+        """Count with ``count()`` → {(rule, verdict): n} from now on (the last service built in this
+        process wins: tests build several), with ``rules`` × ``verdicts`` at zero."""
+        self._count = count
+        self._zeros = {(rule, verdict): 0 for rule in rules for verdict in verdicts}
+        if not self._registered:
+            REGISTRY.register(self)
+            self._registered = True
+
+    def describe(self):  # the name, for the registry's check of duplicates, without asking Redis
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=["rule", "verdict"])
+
+    def collect(self):
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["rule", "verdict"])
+        try:
+            counts = {**self._zeros, **self._count()} if self._count else {}
+        except (redis.RedisError, OSError):  # Redis away: plantsight_redis_up says so; the rest still goes out
+            counts = {}
+        for (rule, verdict), n in sorted(counts.items()):
+            family.add_metric([rule, verdict], n)
+        yield family
+
+
+ALERT_VERDICTS = AlertVerdicts()

@@ -10,7 +10,8 @@ it are written in one MULTI, so a crash never repeats nor loses an alert. Each s
 ``{P}:alerts`` through its own consumer group (``sink-<name>``). Pipeline-health alerts (camera
 offline, frozen, black; consumer lag; dead letters) come from ``health.py`` through the same path.
 
-``POST /alerts/<id>/ack`` (``Authorization: Bearer <operator token>``) acknowledges an alert.
+``POST /alerts/<id>/ack`` (``Authorization: Bearer <operator token>``) acknowledges an alert, with the
+operator's verdict if the body gives one; ``plantsight_alert_verdicts_total`` counts the verdicts.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class AlertService(Service):
             metrics.ALERTS.labels(rule=rule.name, severity=rule.severity)
         for rule, severity in HEALTH_RULES.items():
             metrics.ALERTS.labels(rule=rule, severity=severity)
+        metrics.ALERT_VERDICTS.watch(lambda: acks.verdict_counts(self.r, self.keys.prefix),
+                                     [rule.name for rule in cfg.alerts.rules] + list(HEALTH_RULES), acks.VERDICTS)
         metrics.precreate_stage(STAGE)
 
     def sink_reader(self, name: str) -> GroupReader:
@@ -291,13 +294,17 @@ class AlertService(Service):
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError:
-            return _json(400, {"error": "the body must be a JSON object like {\"by\": \"name\", \"note\": \"...\"}"})
+            return _json(400, {"error": "the body must be a JSON object like "
+                                        "{\"by\": \"name\", \"note\": \"...\", \"verdict\": \"confirmed\"}"})
         by, note = str(body.get("by") or "operator")[:100], str(body.get("note") or "")[:1000]
         try:
-            record = acks.acknowledge(self.r, self.keys.prefix, m.group(1), by, note)
+            record = acks.acknowledge(self.r, self.keys.prefix, m.group(1), by, note, verdict=body.get("verdict"))
+        except acks.BadVerdict as e:
+            return _json(400, {"error": str(e)})
         except acks.UnknownAlert:
             return _json(404, {"error": f"no alert {m.group(1)} on {self.keys.alerts}"})
-        self.log.info("alert %s acknowledged by %s", m.group(1), record["by"])
+        self.log.info("alert %s acknowledged by %s (verdict: %s)", m.group(1), record["by"],
+                      record.get("verdict") or "none")
         return _json(200, {"id": m.group(1), **record})
 
     def close(self) -> None:

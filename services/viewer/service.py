@@ -28,7 +28,7 @@ import redis
 
 from services.viewer.auth import LOGOUT_COOKIE, OPERATOR, Tokens
 from services.viewer.data import ViewerData, valid_alert_id
-from shared.acks import UnknownAlert, acknowledge
+from shared.acks import BadVerdict, UnknownAlert, acknowledge
 from shared.endpoints import HttpRequest, HttpResponse
 from shared.messages import DecodeError
 from shared.overlay import draw, encode_jpeg
@@ -394,11 +394,15 @@ class ViewerService(Service):
         except ValueError:
             return _error(400, "the body must be JSON (or empty)")
         note = str(body.get("note", ""))[:500] if isinstance(body, dict) else ""
+        verdict = body.get("verdict") if isinstance(body, dict) else None
         try:
-            record = acknowledge(self.r, self.keys.prefix, alert_id, by=f"viewer ({who.how})", note=note)
+            record = acknowledge(self.r, self.keys.prefix, alert_id, by=f"viewer ({who.how})", note=note,
+                                 verdict=verdict)
+        except BadVerdict as e:
+            return _error(400, str(e))
         except UnknownAlert:
             return _error(404, f"no alert {alert_id}")
-        self.log.info("alert %s acknowledged from the viewer", alert_id)
+        self.log.info("alert %s acknowledged from the viewer (verdict: %s)", alert_id, record.get("verdict") or "none")
         return _json({"id": alert_id, "ack": record})
 
 

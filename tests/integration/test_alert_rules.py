@@ -1,5 +1,6 @@
 """Alert rules on a real Redis, through the alert service itself: episodes, zones, hysteresis, for_s,
-overrides, rise rate, repeats and acknowledgements, pipeline-health alerts, the ack endpoint and the CLI."""
+overrides, rise rate, repeats and acknowledgements (with verdicts and their counter), pipeline-health alerts,
+the ack endpoint and the CLI."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.alerting.service import AlertService
 from shared import acks
@@ -282,8 +286,80 @@ def test_ack_endpoint_needs_the_operator_token(redis_server, r, prefix, tmp_path
         assert acks.acknowledgement(r, svc.keys.prefix, alert.id)["by"] == "ann"
         again = httpx.post(f"{base}/{alert.id}/ack", headers=auth, json={"by": "bob"}, timeout=5)
         assert again.json()["by"] == "ann"  # the first acknowledgement stands
+        assert again.json()["verdict"] is None
+
+        bad = httpx.post(f"{base}/{alert.id}/ack", headers=auth, json={"verdict": "maybe"}, timeout=5)
+        assert bad.status_code == 400
+        assert bad.json() == {"error": "verdict 'maybe' is not one of: confirmed, false_alarm"}
+        judged = httpx.post(f"{base}/{alert.id}/ack", headers=auth, json={"by": "bob", "verdict": "false_alarm"},
+                            timeout=5)
+        assert judged.status_code == 200  # a verdict added to the acknowledgement, which is still ann's
+        assert {k: judged.json()[k] for k in ("by", "note", "verdict", "rule", "camera")} == {
+            "by": "ann", "note": "valve closed", "verdict": "false_alarm", "rule": "hot", "camera": "k1"}
+        changed = httpx.post(f"{base}/{alert.id}/ack", headers=auth, json={"verdict": "confirmed"}, timeout=5)
+        assert changed.json() == judged.json()  # a verdict stays
+
+        r.xadd(svc.keys.results, {"m": thermal(1, 460, camera="k2").to_msgpack()})
+        svc.step()
+        other = stream_alerts(r, svc)[-1]
+        assert other.camera == "k2"
+        acks.acknowledge(r, svc.keys.prefix, other.id, "cli-user", verdict="confirmed")  # another process's write
+        text = httpx.get(f"http://127.0.0.1:{svc.port}/metrics", timeout=5).text
+        verdicts = {(s.labels["rule"], s.labels["verdict"]): s.value for fam in text_string_to_metric_families(text)
+                    for s in fam.samples if s.name == "plantsight_alert_verdicts_total"}
+        assert verdicts[("hot", "false_alarm")] == 1 and verdicts[("hot", "confirmed")] == 1
+        assert verdicts[("camera-offline", "confirmed")] == 0  # known rules' series exist at zero
     finally:
         svc.http.shutdown()
+
+
+def test_a_verdict_is_stored_may_be_added_later_and_is_never_changed(redis_server, r, prefix):
+    keys = Keys(prefix)
+    alerts = [Alert(id=Alert.identity("leak", cam, "1-0"), rule="leak", severity="warning", state="firing",
+                    camera=cam, task="detect", ts=T0, value=1.0, threshold=1.0, message="leak", frame_id="1-0")
+              for cam in ("p1", "p2", "p3", "p4")]
+    for a in alerts:
+        r.xadd(keys.alerts, {"m": a.to_msgpack()})
+    a1, a2, a3, a4 = (a.id for a in alerts)
+    assert acks.find_alert(r, prefix, a2).camera == "p2" and acks.find_alert(r, prefix, "nope") is None
+
+    for bad in ("maybe", "", "Confirmed", 1, ["confirmed"]):
+        with pytest.raises(ValueError, match="is not one of: confirmed, false_alarm"):
+            acks.acknowledge(r, prefix, a1, "ann", verdict=bad)
+    assert acks.acknowledgement(r, prefix, a1) is None  # refused before anything was written
+    with pytest.raises(acks.BadVerdict, match="verdict 'maybe'"):
+        acks.acknowledge(r, prefix, "no-such-alert", "ann", verdict="maybe")  # the verdict is checked first
+
+    first = acks.acknowledge(r, prefix, a1, "ann", "seen", verdict="confirmed")
+    assert {k: v for k, v in first.items() if k != "at"} == {
+        "by": "ann", "note": "seen", "verdict": "confirmed", "rule": "leak", "camera": "p1"}
+    assert acks.acknowledgement(r, prefix, a1) == first
+    assert acks.acknowledge(r, prefix, a1, "bob", "no", verdict="false_alarm") == first  # a verdict stays
+    assert acks.acknowledge(r, prefix, a1, "bob") == first
+
+    plain = acks.acknowledge(r, prefix, a2, "ann", "looking")
+    assert plain["verdict"] is None and plain["rule"] == "leak"
+    later = acks.acknowledge(r, prefix, a2, "bob", "ignored", verdict="false_alarm")
+    assert later == {**plain, "verdict": "false_alarm"}  # who acknowledged, when and the note are the first's
+    assert acks.acknowledge(r, prefix, a2, "carl", verdict="confirmed") == later
+
+    # an acknowledgement written before verdicts existed gets the verdict with the alert's rule and camera
+    r.hset(keys.alert_acks, a3, json.dumps({"by": "old", "at": 1.0, "note": ""}))
+    assert acks.acknowledge(r, prefix, a3, "bob", verdict="confirmed") == {
+        "by": "old", "at": 1.0, "note": "", "verdict": "confirmed", "rule": "leak", "camera": "p3"}
+
+    # operators judging the same acknowledgement at once: one verdict wins and every caller is told it
+    acks.acknowledge(r, prefix, a4, "ann")
+    clients = [redis_server.client() for _ in range(8)]
+    with ThreadPoolExecutor(len(clients)) as pool:
+        got = list(pool.map(lambda i: acks.acknowledge(clients[i], prefix, a4, f"op{i}", verdict=acks.VERDICTS[i % 2]),
+                            range(len(clients))))
+    assert all(g == acks.acknowledgement(r, prefix, a4) for g in got) and got[0]["verdict"] in acks.VERDICTS
+
+    r.hset(keys.alert_acks, "by-hand", b"not json")  # skipped, not counted, and no failure
+    want = Counter({("leak", "confirmed"): 2, ("leak", "false_alarm"): 1})  # a1, a3; a2
+    want[("leak", got[0]["verdict"])] += 1  # a4
+    assert acks.verdict_counts(r, prefix) == want
 
 
 def test_ack_token_from_a_file_and_none_configured(redis_server, r, prefix, tmp_path, monkeypatch):
@@ -324,18 +400,27 @@ def test_cli_lists_and_acknowledges_alerts(redis_server, r, prefix, tmp_path):
         return res.returncode, res.stdout, res.stderr
 
     code, out, _ = cli("ack", firing.id, "--by", "ann", "--config", str(path))
-    assert code == 0 and json.loads(out)["by"] == "ann"
+    assert code == 0 and json.loads(out)["by"] == "ann" and json.loads(out)["verdict"] is None
     code, _, err = cli("--config", str(path), "ack", "no-such-id")
     assert code == 1 and f"no alert no-such-id on {Keys(prefix).alerts}" in err
+    code, out, _ = cli("--config", str(path))
+    assert code == 0 and out.splitlines()[1].split()[-3:] == ["-", "by", "ann"]  # acknowledged, not judged
+    code, out, err = cli("--config", str(path), "ack", firing.id, "--verdict", "maybe")
+    assert (code, out) == (2, "") and "verdict 'maybe' is not one of: confirmed, false_alarm" in err
+    code, out, _ = cli("--config", str(path), "ack", firing.id, "--by", "bob", "--verdict", "confirmed")
+    assert code == 0 and (json.loads(out)["by"], json.loads(out)["verdict"]) == ("ann", "confirmed")
     code, out, _ = cli("--config", str(path), "--json")
     rows = json.loads(out)["alerts"]
-    assert [(a["id"], a["state"], a["rule"], a["camera"], a["value"], (a["acked"] or {}).get("by")) for a in rows] == [
-        (firing.id, "firing", "hot", "k1", 460.0, "ann"), (resolved.id, "resolved", "hot", "k1", 300.0, "ann")]
+    assert [(a["id"], a["state"], a["rule"], a["camera"], a["value"], (a["acked"] or {}).get("by"),
+             (a["acked"] or {}).get("verdict")) for a in rows] == [
+        (firing.id, "firing", "hot", "k1", 460.0, "ann", "confirmed"),
+        (resolved.id, "resolved", "hot", "k1", 300.0, "ann", "confirmed")]
     code, out, _ = cli("--config", str(path))
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:4] == ["id", "time", "(UTC)", "state"]
+    assert lines[0].split()[-2:] == ["verdict", "acked"]
     assert lines[1].split()[0] == firing.id and lines[1].split()[3:8] == ["firing", "warning", "hot", "k1", "460"]
-    assert lines[1].endswith("by ann") and lines[2].split()[3] == "resolved"
+    assert lines[1].split()[-3:] == ["confirmed", "by", "ann"] and lines[2].split()[3] == "resolved"
 
 
 def test_an_unreadable_token_file_turns_acknowledging_off_but_not_alerting(tmp_path, caplog):

@@ -262,6 +262,24 @@ def test_acknowledging_with_the_cookie_needs_the_page_header(viewer):
     bad_body = viewer.post(path, content=b"{not json", headers={"Content-Type": "application/json"})
     assert bad_body.status_code == 400
 
+    # a verdict, added later to the acknowledgement, the way the page's buttons send it; then it stays
+    assert ack["verdict"] is None and (ack["rule"], ack["camera"]) == ("leak", "press-1")
+    assert viewer.post(path, token=None, headers={"Cookie": oper_cookie}, json={"verdict": "confirmed"}
+                       ).status_code == 403
+    bad = viewer.post(path, token=None, headers={"Cookie": oper_cookie} | page, json={"verdict": "yes"})
+    assert bad.status_code == 400 and bad.json() == {"error": "verdict 'yes' is not one of: confirmed, false_alarm"}
+    judged = viewer.post(path, token=None, headers={"Cookie": oper_cookie} | page, json={"verdict": "confirmed"})
+    assert judged.status_code == 200 and judged.json()["ack"] == {**ack, "verdict": "confirmed"}
+    assert viewer.post(path, json={"verdict": "false_alarm"}).json()["ack"] == judged.json()["ack"]
+    listed = {row["id"]: row for row in viewer.get("/api/alerts").json()}
+    assert listed[a.id]["ack"]["verdict"] == "confirmed"
+
+    viewer.seq += 1
+    b = viewer.alert()  # another alert, acknowledged and judged at once
+    assert b.id != a.id
+    one = viewer.post(f"/api/alerts/{b.id}/ack", json={"verdict": "false_alarm", "note": "steam, not smoke"})
+    assert (one.json()["ack"]["by"], one.json()["ack"]["verdict"]) == ("viewer (bearer)", "false_alarm")
+
 
 def test_static_files_cannot_be_reached_outside_the_static_folder(viewer):
     assert viewer.raw_get("/static/app.js")[0] == 200

@@ -18,6 +18,9 @@ const el = (tag, attrs = {}, ...children) => {
 };
 
 const fmtTime = (ns) => new Date(ns / 1e6).toLocaleString();
+// an operator's verdict on an acknowledged alert (shared/acks.py VERDICTS), as the pages write it
+const VERDICT_TEXT = { confirmed: "confirmed", false_alarm: "false alarm" };
+const verdictText = (ack) => (ack && ack.verdict ? VERDICT_TEXT[ack.verdict] || ack.verdict : "–");
 const fmtValue = (v) => (typeof v === "number" ? (Math.abs(v) >= 100 ? v.toFixed(1) : +v.toFixed(4)) : String(v));
 
 function summaryText(task, s) {
@@ -109,7 +112,7 @@ async function alertsPage() {
         el("td", {}, el("a", { href: `/alerts/${a.id}`, text: fmtTime(a.ts) })), el("td", { text: a.state }),
         el("td", { text: a.severity }), el("td", { text: a.rule }), el("td", { text: a.camera }),
         el("td", { text: fmtValue(a.value) + (a.threshold != null ? ` (limit ${fmtValue(a.threshold)})` : "") }),
-        el("td", { text: a.ack ? `yes (${a.ack.by})` : "no" }))));
+        el("td", { text: a.ack ? `yes (${a.ack.by})` : "no" }), el("td", { text: verdictText(a.ack) }))));
   };
   for (const name of ["camera", "rule", "severity", "state"]) {
     if (params.get(name)) { if (![...form[name].options].some((o) => o.value === params.get(name))) form[name].append(el("option", { text: params.get(name), value: params.get(name) })); form[name].value = params.get(name); }
@@ -140,8 +143,10 @@ async function alertPage() {
     }
     document.getElementById("evidence").textContent = a.evidence_json ? JSON.stringify(a.evidence_json, null, 2) : "(not written yet)";
     const btn = document.getElementById("ack");
-    document.getElementById("ack-state").textContent = a.ack ? `acknowledged by ${a.ack.by} at ${new Date(a.ack.at * 1000).toLocaleString()}` : "not acknowledged";
+    document.getElementById("ack-state").textContent = a.ack ? `acknowledged by ${a.ack.by} at ${new Date(a.ack.at * 1000).toLocaleString()}` +
+      (a.ack.verdict ? ` · verdict: ${verdictText(a.ack)}` : "") : "not acknowledged";
     btn.hidden = !(me.role === "operator" && !a.ack);
+    for (const b of document.querySelectorAll("button[data-verdict]")) b.hidden = !(me.role === "operator" && !(a.ack && a.ack.verdict));
   };
   let plays = 0;  // the clip plays in the snapshot's place (MJPEG, once); a new query plays it again
   document.getElementById("play").addEventListener("click", () => {
@@ -151,6 +156,13 @@ async function alertPage() {
     await api(`/api/alerts/${id}/ack`, { method: "POST", headers: { "X-Requested-With": "plantsight", "Content-Type": "application/json" }, body: "{}" });
     await show();
   });
+  // acknowledging with a verdict, or adding one to an acknowledgement without: the same request, with the verdict
+  for (const b of document.querySelectorAll("button[data-verdict]")) {
+    b.addEventListener("click", async () => {
+      await api(`/api/alerts/${id}/ack`, { method: "POST", headers: { "X-Requested-With": "plantsight", "Content-Type": "application/json" }, body: JSON.stringify({ verdict: b.dataset.verdict }) });
+      await show();
+    });
+  }
   await show();
   setInterval(show, 5000);
 }
