@@ -24,6 +24,7 @@ def _goal(task: str, tmp_path, epochs: int | None) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_the_segmenter_reaches_the_dice_goal_on_photographs(tmp_path):
     r = _goal("segment", tmp_path, epochs=4)
     assert r["metrics"]["dice"] >= 0.75
@@ -34,6 +35,7 @@ def test_the_segmenter_reaches_the_dice_goal_on_photographs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.quality
+@pytest.mark.timeout(1800)
 def test_the_classifier_reaches_the_accuracy_goal_on_photographs_with_its_defaults(tmp_path):
     r = _goal("classify", tmp_path, epochs=None)
     assert r["metrics"]["accuracy"] >= 0.95 and r["arch"] == "small_resnet"
