@@ -143,6 +143,32 @@ def cmd_alerts(args) -> int:
     return 0
 
 
+def cmd_dataset_export(args) -> int:
+    """Judged alerts' frames as a training set of their task (shared/dataset_export.py)."""
+    from shared.dataset_export import ExportError, export, parse_since
+    from shared.streams.connection import connect
+
+    cfg = _load(args)
+    try:
+        since = parse_since(args.since)
+        summary = export(connect(cfg.redis), cfg.redis.prefix, args.task, since, args.out,
+                         negative_class=args.negative_class, max_message_bytes=cfg.streams.max_message_bytes)
+    except ExportError as e:
+        print(f"plantsight dataset export: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"plantsight dataset export: cannot write into {args.out}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for gone in summary["missing"]:
+        print(f"without evidence: {gone['id']}: {gone['reason']}")
+    print(f"{summary['task']} -> {summary['out']}: added {summary['added']}, already there {summary['already']}, "
+          f"without evidence {summary['without_evidence']}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from shared.models import describe
 
@@ -288,6 +314,23 @@ def parser() -> argparse.ArgumentParser:
     ack.add_argument("--redis-url", metavar="URL", default=argparse.SUPPRESS, help="override redis.url")
     ack.set_defaults(fn=cmd_alerts)
 
+    ds = sub.add_parser("dataset", help="training data from the pipeline: 'dataset export' writes judged alerts")
+    dsub = ds.add_subparsers(dest="dataset_command", required=True)
+    dx = dsub.add_parser("export", help="the frames of alerts operators gave a verdict, in the layout "
+                                        "'plantsight train' reads for their task, with manifest.json; a re-run "
+                                        "adds only alerts not yet in the manifest")
+    config_args(dx)
+    dx.add_argument("--task", required=True, choices=TASKS,
+                    help="the alerts' task: classify, detect or segment (thermal has no export layout)")
+    dx.add_argument("--since", required=True, metavar="WHEN",
+                    help="alerts raised since: a duration back from now (24h, 7d, 30m) or an ISO date/time (UTC)")
+    dx.add_argument("--out", required=True, metavar="DIR", help="the dataset folder (created, or added to)")
+    dx.add_argument("--negative-class", default="normal", metavar="NAME",
+                    help="classify: the class folder of false alarms (default: normal); a confirmed alert goes "
+                         "under the class the model said")
+    dx.add_argument("--json", action="store_true", help="print the summary as JSON")
+    dx.set_defaults(fn=cmd_dataset_export)
+
     mo = sub.add_parser("models", help="architectures with parameter counts and shapes; deploy a model")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(fn=cmd_models)
@@ -328,7 +371,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if getattr(args, "command", None) in ("up", "run", "streams", "alerts") and not (args.config or args.demo):
+    needs_config = ("up", "run", "streams", "alerts", "dataset")
+    if getattr(args, "command", None) in needs_config and not (args.config or args.demo):
         parser().error("give --config FILE or --demo")
     try:
         code = args.fn(args)
