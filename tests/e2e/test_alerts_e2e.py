@@ -20,6 +20,7 @@ import msgpack
 import pytest
 import yaml
 
+from shared.config import DEMO_MODELS
 from tests.support.paths import ROOT
 from tests.support.pipeline import Up
 
@@ -61,6 +62,10 @@ def demo_with_webhook(redis_url: str, prefix: str, service_ports: dict, hook_url
     cfg["services"] = service_ports
     cfg["inference"] = {**cfg["inference"], "device": "cpu", "engine": "eager"}  # no tracing at start: quicker
     cfg["alerts"]["evidence_dir"] = str(evidence)
+    # The demo's trained models, but an untrained detector: leaks are rare in the demo's scenes, and an
+    # untrained detector sees no equipment, which fires equipment-not-seen within seconds.
+    for task in ("classify", "segment", "thermal"):
+        cfg["models"][task] = {"path": str(DEMO_MODELS / task)}
     cfg["alerts"]["sinks"].append({"name": "cmms", "type": "webhook", "url": hook_url, "secret_env": "E2E_HOOK_SECRET",
                                    "backoff_s": 0.2, "timeout_s": 5})
     for rule in cfg["alerts"]["rules"]:
@@ -73,7 +78,7 @@ def test_the_demo_raises_an_alert_of_every_task_each_delivered_once(r, redis_ser
     evidence = tmp_path / "evidence"
     cfg = demo_with_webhook(redis_server.url, "e2e-alerts", service_ports, rx.url, evidence)
     rules = {rule["name"]: rule["task"] for rule in cfg["alerts"]["rules"]}
-    up = Up(cfg, tmp_path, r, {"E2E_HOOK_SECRET": SECRET, "PLANTSIGHT_DEMO_MODELS": str(tmp_path / "none")})
+    up = Up(cfg, tmp_path, r, {"E2E_HOOK_SECRET": SECRET})
 
     def alerts() -> list[dict]:
         return [msgpack.unpackb(f[b"m"], raw=False) for _, f in r.xrange(up.keys.alerts)]
