@@ -105,6 +105,10 @@ class CameraConfig(Strict):
 class ModelConfig(Strict):
     path: Path | None = None
     arch: str | None = None
+    shadow: Path | None = Field(None, description="a candidate model directory infer runs beside the live model "
+                                                  "on the same frames; its results go to {P}:shadow, never to "
+                                                  "alerting (docs/operations.md#shadow-models)")
+    shadow_share: float = Field(1.0, gt=0, le=1, description="fraction of the task's frames the shadow model runs on")
 
     @model_validator(mode="after")
     def _one(self):

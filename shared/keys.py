@@ -10,6 +10,7 @@ key                               type    what it holds
 ``{P}:frames``                    stream  encoded camera frames, written by ingest
 ``{P}:prepared:<task>``           stream  frames cropped and resized for one task's network, by preprocess
 ``{P}:results``                   stream  inference results, written by infer
+``{P}:shadow``                    stream  results of shadow models (candidates on trial), by infer; never alerted on
 ``{P}:alerts``                    stream  alerts (firing, repeated, resolved), written by the alert service
 ``{P}:deadletter``                stream  entries no stage could process, with the stage and the reason
 ``{P}:cameras``                   hash    camera id → JSON status from ingest (up, fps, last frame, frozen…)
@@ -19,6 +20,8 @@ key                               type    what it holds
 ``{P}:sink-state:<sink>``         hash    the episodes a stateful sink (mqtt, alertmanager) has firing
 ``{P}:models:deploy``             hash    task → JSON ``{"path", "at"}``: the model directory asked for
 ``{P}:models:active``             hash    task → JSON: the model infer runs, or the refusal and its reason
+``{P}:models:shadow``             hash    task → JSON ``{"path", "share", "at"}``: the shadow asked for (null: none)
+``{P}:models:shadow-state``       hash    ``task|consumer`` → JSON: the shadow an infer worker runs and its agreement
 ``{P}:services``                  hash    process id → JSON heartbeat (service, replica, host, pid, port…)
 ================================  ======  ==================================================================
 
@@ -51,6 +54,7 @@ class Keys:
         self.infer_reads_frames = infer_reads_frames
         self.frames = f"{prefix}:frames"
         self.results = f"{prefix}:results"
+        self.shadow = f"{prefix}:shadow"
         self.alerts = f"{prefix}:alerts"
         self.deadletter = f"{prefix}:deadletter"
         self.cameras = f"{prefix}:cameras"
@@ -59,6 +63,8 @@ class Keys:
         self.alert_acks = f"{prefix}:alert-acks"
         self.models_deploy = f"{prefix}:models:deploy"
         self.models_active = f"{prefix}:models:active"
+        self.models_shadow = f"{prefix}:models:shadow"
+        self.models_shadow_state = f"{prefix}:models:shadow-state"
         self.services = f"{prefix}:services"
 
     @classmethod
