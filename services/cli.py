@@ -182,42 +182,142 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_models_deploy(args) -> int:
-    """Check a model directory and ask the running infer workers to switch to it (``{P}:models:deploy``)."""
-    import time
-    from pathlib import Path
-
+def _models_target(args, command: str):
+    """(config, Redis, keys) for a command that talks to the running infer workers; None: usage error."""
     from shared.keys import Keys
-    from shared.models.modeldir import load_meta
-    from shared.models.registry import ModelError
     from shared.streams.connection import connect
 
     if not (args.config or args.demo):
-        print("plantsight models deploy: give --config FILE or --demo", file=sys.stderr)
-        return 2
+        print(f"plantsight models {command}: give --config FILE or --demo", file=sys.stderr)
+        return None
     cfg = _load(args)
-    path = Path(args.dir).resolve()
+    return cfg, connect(cfg.redis), Keys(cfg.redis.prefix)
+
+
+def _check_model_dir(command: str, task: str, directory: str):
+    """(the resolved path, its model.json) when ``directory`` holds a model of ``task``; None after saying why."""
+    from pathlib import Path
+
+    from shared.models.modeldir import load_meta
+    from shared.models.registry import ModelError
+
+    path = Path(directory).resolve()
     try:
         meta = load_meta(path)
     except ModelError as e:
-        print(f"plantsight models deploy: {e}", file=sys.stderr)
-        return 1
-    if meta.task != args.task:
-        print(f"plantsight models deploy: {path} holds a {meta.task} model, not a {args.task} one", file=sys.stderr)
-        return 1
-    r, keys = connect(cfg.redis), Keys(cfg.redis.prefix)
-    asked = time.time()
-    r.hset(keys.models_deploy, args.task, json.dumps({"path": str(path), "at": asked}))
-    print(f"{args.task}: asked infer to run {meta.arch}@{meta.version} from {path}", file=sys.stderr)
-    deadline = time.monotonic() + args.wait
+        print(f"plantsight models {command}: {e}", file=sys.stderr)
+        return None
+    if meta.task != task:
+        print(f"plantsight models {command}: {path} holds a {meta.task} model, not a {task} one", file=sys.stderr)
+        return None
+    return path, meta
+
+
+def _wait_for_record(task: str, read, match, wait: float) -> int:
+    """Wait up to ``wait`` s for one of the JSON records ``read()`` returns that ``match`` accepts; print it.
+    Exit status: 0 when it came and names no refusal or failure, 1 otherwise (0 when not asked to wait)."""
+    import time
+
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        raw = r.hget(keys.models_active, args.task)
-        rec = json.loads(raw) if raw else {}
-        if rec.get("path") == str(path) and rec.get("at", 0) >= asked:
-            print(json.dumps({"task": args.task, **rec}))
-            return 1 if rec.get("refused") else 0
+        for raw in read():
+            rec = json.loads(raw) if raw else {}
+            if match(rec):
+                print(json.dumps({"task": task, **rec}))
+                return 1 if rec.get("refused") or rec.get("state") in ("refused", "failed") else 0
         time.sleep(0.2)
-    return 0 if not args.wait else 1
+    return 0 if not wait else 1
+
+
+def _deploy(r, keys, task: str, path, wait: float) -> int:
+    """Ask the running infer workers to switch ``task`` to ``path`` (``{P}:models:deploy``), the hot swap."""
+    import time
+
+    asked = time.time()
+    r.hset(keys.models_deploy, task, json.dumps({"path": str(path), "at": asked}))
+    return _wait_for_record(task, lambda: [r.hget(keys.models_active, task)],
+                            lambda rec: rec.get("path") == str(path) and rec.get("at", 0) >= asked, wait)
+
+
+def cmd_models_deploy(args) -> int:
+    """Check a model directory and ask the running infer workers to switch to it (``{P}:models:deploy``)."""
+    target = _models_target(args, "deploy")
+    if target is None:
+        return 2
+    _, r, keys = target
+    checked = _check_model_dir("deploy", args.task, args.dir)
+    if checked is None:
+        return 1
+    path, meta = checked
+    print(f"{args.task}: asked infer to run {meta.arch}@{meta.version} from {path}", file=sys.stderr)
+    return _deploy(r, keys, args.task, path, args.wait)
+
+
+def _shadow_asked(cfg, r, keys, task: str) -> str | None:
+    """The shadow model directory a task runs: the one ``models shadow`` set, else the config's."""
+    raw = r.hget(keys.models_shadow, task)
+    if raw:
+        try:
+            path = json.loads(raw)["path"]
+            return None if path is None else str(path)
+        except (ValueError, KeyError, TypeError):
+            return None
+    spec = cfg.model(task)
+    return str(spec.shadow) if spec.shadow else None
+
+
+def cmd_models_shadow(args) -> int:
+    """Set (or with ``--off`` remove) a task's shadow model in ``{P}:models:shadow``, which infer watches as it
+    watches ``{P}:models:deploy``."""
+    import time
+
+    target = _models_target(args, "shadow")
+    if target is None:
+        return 2
+    _, r, keys = target
+    if args.off == (args.dir is not None):
+        print("plantsight models shadow: give a model directory or --off", file=sys.stderr)
+        return 2
+    if args.share is not None and not 0 < args.share <= 1:
+        print(f"plantsight models shadow: --share {args.share:g}: give a fraction above 0, at most 1",
+              file=sys.stderr)
+        return 2
+    asked = time.time()
+    if args.off:  # an explicit null, so that a shadow in the config is off too
+        r.hset(keys.models_shadow, args.task, json.dumps({"path": None, "at": asked}))
+        print(f"{args.task}: asked infer to stop the shadow model", file=sys.stderr)
+        return 0
+    checked = _check_model_dir("shadow", args.task, args.dir)
+    if checked is None:
+        return 1
+    path, meta = checked
+    r.hset(keys.models_shadow, args.task, json.dumps({"path": str(path), "share": args.share, "at": asked}))
+    print(f"{args.task}: asked infer to run {meta.arch}@{meta.version} from {path} as a shadow", file=sys.stderr)
+    return _wait_for_record(args.task, lambda: r.hgetall(keys.models_shadow_state).values(),
+                            lambda rec: rec.get("task") == args.task and rec.get("path") == str(path)
+                            and rec.get("at", 0) >= asked, args.wait)
+
+
+def cmd_models_promote(args) -> int:
+    """Make a task's shadow model its live model through the hot swap, and clear the shadow."""
+    import time
+
+    target = _models_target(args, "promote")
+    if target is None:
+        return 2
+    cfg, r, keys = target
+    shadow = _shadow_asked(cfg, r, keys, args.task)
+    if shadow is None:
+        print(f"plantsight models promote: {args.task} has no shadow model", file=sys.stderr)
+        return 1
+    checked = _check_model_dir("promote", args.task, shadow)
+    if checked is None:
+        return 1
+    path, meta = checked
+    r.hset(keys.models_shadow, args.task, json.dumps({"path": None, "at": time.time()}))
+    print(f"{args.task}: asked infer to run the shadow {meta.arch}@{meta.version} from {path} as the live model",
+          file=sys.stderr)
+    return _deploy(r, keys, args.task, path, args.wait)
 
 
 def cmd_models_import(args) -> int:
@@ -331,7 +431,8 @@ def parser() -> argparse.ArgumentParser:
     dx.add_argument("--json", action="store_true", help="print the summary as JSON")
     dx.set_defaults(fn=cmd_dataset_export)
 
-    mo = sub.add_parser("models", help="architectures with parameter counts and shapes; deploy a model")
+    mo = sub.add_parser("models", help="architectures with parameter counts and shapes; deploy, shadow or promote "
+                                       "a model")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(fn=cmd_models)
     msub = mo.add_subparsers(dest="models_command")
@@ -342,6 +443,25 @@ def parser() -> argparse.ArgumentParser:
     dep.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                      help="wait this long for infer to report the switch (or the refusal)")
     dep.set_defaults(fn=cmd_models_deploy)
+    sh = msub.add_parser("shadow", help="run a candidate model beside a task's live model on the same frames, its "
+                                        "results kept apart from alerting; --off stops it")
+    sh.add_argument("task", choices=TASKS)
+    sh.add_argument("dir", nargs="?", help="model directory of the candidate")
+    sh.add_argument("--off", action="store_true", help="stop the task's shadow model (also one in the config)")
+    sh.add_argument("--share", type=float, metavar="FRACTION",
+                    help="of the task's frames the shadow runs on, above 0 and at most 1 (default: the config's "
+                         "models.<task>.shadow_share, 1.0)")
+    config_args(sh)
+    sh.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                    help="wait this long for infer to report the shadow running (or refused)")
+    sh.set_defaults(fn=cmd_models_shadow)
+    pro = msub.add_parser("promote", help="make a task's shadow model its live model (no downtime) and clear the "
+                                          "shadow")
+    pro.add_argument("task", choices=TASKS)
+    config_args(pro)
+    pro.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                     help="wait this long for infer to report the switch (or the refusal)")
+    pro.set_defaults(fn=cmd_models_promote)
     imp = msub.add_parser("import", help="turn an ONNX or TorchScript file (an Ultralytics YOLO export, say) into "
                                          "a model directory")
     imp.add_argument("file", help="the model file (.onnx, or TorchScript saved by torch.jit.save)")

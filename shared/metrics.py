@@ -36,6 +36,19 @@ SINK_DELIVERIES = Counter("plantsight_sink_deliveries", "Alert deliveries by sin
 DEADLETTER = Counter("plantsight_deadletter", "Entries sent to the dead-letter stream", ["stage", "reason"])
 MODEL_INFO = Gauge("plantsight_model_info", "The model a task runs (value 1) and the runtime that runs it",
                    ["task", "model", "version", "device", "runtime"])
+# A shadow model's agreement with the live model, per compared frame (services/inference/shadow.py; the
+# measures are shared/agreement.py's). Each histogram's _count is the frames compared; sum/count the mean.
+AGREEMENT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+KELVIN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0)
+SHADOW_AGREEMENT = Histogram("plantsight_shadow_agreement",
+                             "Shadow model's agreement with the live model per frame (classify: same label, "
+                             "detect: box F1 at IoU 0.5, segment: mask Dice)", ["task", "live", "shadow"],
+                             buckets=AGREEMENT_BUCKETS)
+SHADOW_MAX_K_DIFF = Histogram("plantsight_shadow_max_k_difference_kelvin",
+                              "Thermal shadow model: absolute difference of a frame's max temperature from the "
+                              "live model's", ["task", "live", "shadow"], buckets=KELVIN_BUCKETS)
+SHADOW_FAILURES = Counter("plantsight_shadow_failures", "Shadow models dropped: failed to load, or raised on frames",
+                          ["task", "reason"])
 REDIS_UP = Gauge("plantsight_redis_up", "1 while this service reaches Redis", ["service"])
 
 

@@ -77,3 +77,14 @@ def to_original(task: str, out: dict, msg: Prepared) -> dict:
         return res
     return {"label": out["label"], "index": int(out["index"]), "probs": [round(float(p), 5) for p in out["probs"]],
             "classes": out["classes"]}
+
+
+def comparable(task: str, out: dict, msg: Prepared) -> dict:
+    """What ``shared.agreement.compare`` reads of a model's output, in original frame pixels, as published."""
+    if task == "detect":
+        return {"boxes": boxes_to_original(out["boxes"], msg)}
+    if task == "segment":
+        return {"mask": mask_to_original(out["mask"], msg)}
+    if task == "thermal":
+        return {"max_k": float(out["max_k"])}
+    return {"label": out["label"]}

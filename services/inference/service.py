@@ -7,7 +7,8 @@ network runs through the engine the config picks (``engine.py``). Results and th
 their inputs are written in one MULTI. A batch that makes the model fail is retried frame by frame; a
 frame that fails alone stays pending and is dead-lettered by the reader once it has been delivered
 ``max_deliveries`` times. A new model version is loaded and warmed beside the running one and switched
-in between two batches (``swap.py``).
+in between two batches (``swap.py``). A task's shadow model, a candidate on trial, runs on a share of the
+batch after the live results are written, and writes to ``{P}:shadow`` only (``shadow.py``).
 
 With ``inference.read_from: frames`` infer reads ``{P}:frames`` itself, in group ``infer-<task>``, and its
 reader thread does preprocess's work for the frames of the cameras that feed the task
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -29,9 +30,11 @@ import torch
 from services.inference.batcher import Batch, Batcher, BufferPool, collect
 from services.inference.jpeg import DeviceDecoder
 from services.inference.loading import load_predictor, pick_device, torch_threads
-from services.inference.postprocess import to_original
+from services.inference.postprocess import comparable, to_original
+from services.inference.shadow import Shadow, reason
 from services.inference.swap import ModelSwapper
 from shared import metrics
+from shared.agreement import compare
 from shared.heap import keep_tensor_heap
 from shared.keys import Keys
 from shared.messages import DecodeError, Frame, Prepared, Result, decode_prepared
@@ -46,11 +49,17 @@ from shared.streams.reader import DeadLetters, Entry, GroupReader
 STAGE = "infer"
 
 
+def shadow_metric(task: str):
+    """The histogram of a task's agreement measure: kelvin for thermal, a 0-1 agreement for the rest."""
+    return metrics.SHADOW_MAX_K_DIFF if task == "thermal" else metrics.SHADOW_AGREEMENT
+
+
 @dataclass
 class TaskRunner:
     task: str
     predictor: Predictor
     reader: GroupReader
+    shadow: Shadow | None = field(default=None)  # set and cleared between batches (swap.py), or on its failure
 
 
 class InferService(Service):
@@ -72,6 +81,7 @@ class InferService(Service):
                       replicas, len(os.sched_getaffinity(0)))
         self.dead = DeadLetters(self.r, self.keys, s.deadletter_max_age_s, STAGE)
         self.results = Producer(self.r, self.keys.results, maxlen=s.results_maxlen)
+        self.shadow_results = Producer(self.r, self.keys.shadow, maxlen=s.results_maxlen)
         self.runners: list[TaskRunner] = []
         # read_from: frames: preprocess's work, done here (a frame nobody can read is dead-lettered by the first
         # task's group only; the others acknowledge it)
@@ -91,6 +101,10 @@ class InferService(Service):
                                       device=self.device, runtime=predictor.runtime_label).set(1)
             metrics.BATCH_SIZE.labels(task=task)
             metrics.END_TO_END.labels(task=task)
+            for why in ("load", "inference"):
+                metrics.SHADOW_FAILURES.labels(task=task, reason=why)
+            # the task's agreement series at zero before any shadow runs (shadow=""), for dashboards
+            shadow_metric(task).labels(task=task, live=predictor.name, shadow="")
             self.log.info("%s: %s on %s (engine %s)", task, predictor.name, self.device, predictor.engine)
         metrics.precreate_stage(STAGE, ("decode_error", "max_deliveries", "oversized", "wrong_shape", "unknown_camera"))
         for cam in cfg.cameras:
@@ -290,6 +304,50 @@ class InferService(Service):
         spent = time.perf_counter() - t0
         self.write(run, items, outs, spent, box, predictor)
         box.commit()
+        if run.shadow is not None:  # after the live results are out: the shadow never delays them
+            self.run_shadow(run, items, batch.groups, outs, predictor)
+
+    def run_shadow(self, run: TaskRunner, items, groups, live_outs: list[dict], live: Predictor) -> None:
+        """Run the task's shadow on its share of a batch the live model has run (the same tensors); write its
+        results to ``{P}:shadow`` and count each frame's agreement with the live model. A shadow that raises
+        is dropped (``ModelSwapper.drop_shadow``) and the batch's live results stand."""
+        shadow = run.shadow
+        picked = shadow.pick(len(items))
+        if not picked:
+            return
+        where = {i: k for k, i in enumerate(picked)}
+        sub = []
+        for idx, tensor in groups:
+            keep = [j for j, i in enumerate(idx) if i in where]
+            if keep:
+                sub.append(([where[idx[j]] for j in keep], tensor if len(keep) == len(idx) else tensor[keep]))
+        chosen = [items[i] for i in picked]
+        t0 = time.perf_counter()
+        try:
+            outs = self.predict(run, chosen, sub, shadow.predictor)
+            spent = time.perf_counter() - t0
+            results, values = [], []
+            for i, ((_, msg), out) in zip(picked, zip(chosen, outs)):
+                t = dict(msg.t)
+                t[STAGE] = spent / len(chosen)
+                results.append(Result(camera=msg.camera, seq=msg.seq, ts=msg.ts, task=run.task,
+                                      frame_id=msg.frame_id, model=shadow.name, out=to_original(run.task, out, msg),
+                                      t=t))
+                values.append(compare(run.task, comparable(run.task, live_outs[i], msg),
+                                      comparable(run.task, out, msg)))
+        except Exception as e:  # the candidate's fault, not the frames': drop it, once
+            run.shadow = None
+            if self.swapper is not None:
+                self.swapper.drop_shadow(run.task, shadow.fp, shadow.path, "inference", reason(e))
+            return
+        box = Outbox(self.r)
+        for res in results:
+            self.shadow_results.add(res.to_msgpack(), cam=res.camera, task=run.task, box=box)
+        box.commit()
+        hist = shadow_metric(run.task).labels(task=run.task, live=live.name, shadow=shadow.name)
+        for v in values:
+            hist.observe(v)
+            shadow.count(live.name, v)
 
     def process_one(self, run: TaskRunner, item: tuple[Entry, Prepared], predictor: Predictor | None = None) -> None:
         predictor = predictor or run.predictor
