@@ -336,9 +336,9 @@ class InferService(Service):
                 values.append(compare(run.task, comparable(run.task, live_outs[i], msg),
                                       comparable(run.task, out, msg)))
         except Exception as e:  # the candidate's fault, not the frames': drop it, once
-            run.shadow = None
-            if self.swapper is not None:
+            if self.swapper is not None:  # first: the failure is on record before the shadow is gone
                 self.swapper.drop_shadow(run.task, shadow.fp, shadow.path, "inference", reason(e))
+            run.shadow = None
             return
         box = Outbox(self.r)
         for res in results:

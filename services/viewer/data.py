@@ -8,7 +8,9 @@ never disturb the pipeline. Where the data lives:
   carries its camera in the ``cam`` field, so filtering needs no decoding);
 - alerts: ``{P}:alerts`` (a firing alert's id is its episode; the resolve carries ``labels.episode``),
   acknowledgements in ``{P}:alert-acks``, evidence files under ``alerts.evidence_dir/<id>/``;
-- streams: `shared.streams.stats.stream_stats`; processes: the heartbeats in ``{P}:services``.
+- streams: `shared.streams.stats.stream_stats`; processes: the heartbeats in ``{P}:services``;
+- shadow models: each infer worker's record in ``{P}:models:shadow-state`` (refreshed every
+  ``inference.model_poll_s``), summed per task.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SCAN_ALERTS = 5000
 # The one number per task that the camera page plots over time.
 KEY_VALUE = {"classify": "prob", "detect": "count", "segment": "defect_ratio", "thermal": "max_k"}
 EVIDENCE_FILES = ("snapshot.jpg", "clip.mp4", "evidence.json")
+SHADOW_STALE_S = 30.0  # a worker's shadow record older than this is of a worker that stopped: not shown
 
 
 def _field(fields: dict, name: bytes) -> str:
@@ -264,6 +267,37 @@ class ViewerData:
 
     def services(self) -> list[dict]:
         return service_heartbeats(self.r, self.keys.prefix)
+
+    def shadows(self) -> list[dict]:
+        """Per task with a shadow model: the live and shadow models, its share, state, the frames compared and
+        the mean agreement over them (a frame-weighted mean over the infer workers that report one)."""
+        now, tasks = time.time(), {}
+        for raw in self.r.hgetall(self.keys.models_shadow_state).values():
+            try:
+                rec = json.loads(raw)
+                if now - float(rec["at"]) > SHADOW_STALE_S:
+                    continue
+                task = str(rec["task"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            row = tasks.setdefault(task, {"task": task, "live": rec.get("live"), "shadow": rec.get("shadow"),
+                                          "path": rec.get("path"), "share": rec.get("share"),
+                                          "measure": rec.get("measure"), "state": rec.get("state"),
+                                          "error": rec.get("error"), "workers": 0, "frames": 0, "total": 0.0})
+            row["workers"] += 1
+            frames = int(rec.get("frames") or 0)
+            if frames and isinstance(rec.get("mean"), (int, float)):
+                row["frames"] += frames
+                row["total"] += frames * float(rec["mean"])
+            if rec.get("state") != "running":  # a worker that refused or dropped it says so for the task
+                row["state"], row["error"] = rec.get("state"), rec.get("error")
+        rows = []
+        for task in sorted(tasks):
+            row = tasks[task]
+            total = row.pop("total")
+            row["mean"] = round(total / row["frames"], 4) if row["frames"] else None
+            rows.append(row)
+        return rows
 
 
 def summary(task: str, out: dict) -> dict:

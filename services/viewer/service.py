@@ -106,6 +106,7 @@ ROUTES = (
     Route("GET HEAD", r"/api/alerts/(?P<alert_id>[^/]*)/.*", "api_alert_other"),
     Route("GET HEAD", r"/api/streams", "api_streams"),
     Route("GET HEAD", r"/api/services", "api_services"),
+    Route("GET HEAD", r"/api/shadow", "api_shadow"),
     Route("POST", r"/api/alerts/(?P<alert_id>[^/]*)/ack", "ack"),
     Route("POST", r"(?P<path>/api/.*)", "post_not_allowed"),
     # the pages: one layout around each page's <main>
@@ -378,6 +379,9 @@ class ViewerService(Service):
 
     def api_services(self, req: HttpRequest, who: Who) -> HttpResponse:
         return _json(self.data.services())
+
+    def api_shadow(self, req: HttpRequest, who: Who) -> HttpResponse:
+        return _json(self.data.shadows())
 
     def post_not_allowed(self, req: HttpRequest, who: Who, path: str) -> HttpResponse:
         return _error(405, f"POST is not allowed on {path}")

@@ -21,6 +21,7 @@ from torch import nn
 
 from services.cli import parser
 from services.inference.service import InferService
+from services.viewer.data import ViewerData
 from shared.config import load_config
 from shared.messages import Prepared, Result
 from shared.models.modeldir import default_meta, save_model_dir
@@ -148,6 +149,8 @@ def test_a_shadow_runs_on_its_share_apart_from_alerting_and_is_promoted_without_
     rec = json.loads(r.hget(svc.keys.models_shadow_state, f"classify|{svc.consumer}"))
     assert rec["state"] == "running" and rec["live"] == "simple_cnn@v1" and rec["shadow"] == "simple_cnn@v2"
     assert rec["mean"] == pytest.approx(agree / 20) and rec["share"] == 0.5 and rec["measure"] == "label agreement"
+    (row,) = ViewerData(svc.cfg, r).shadows()  # what the viewer's health page shows
+    assert (row["task"], row["shadow"], row["frames"], row["state"]) == ("classify", "simple_cnn@v2", 20, "running")
 
     # Promote while frames flow: the shadow becomes the live model through the hot swap and is cleared.
     feeder = threading.Thread(target=lambda: [feed(r, svc, [s]) or time.sleep(0.02) for s in range(40, 120)])
@@ -188,11 +191,49 @@ def test_a_shadow_that_fails_to_load_or_raises_is_dropped_and_live_results_flow(
     failed = [rec for rec in caplog.records if "failed on frames" in rec.getMessage()]
     assert len(failed) == 1 and "fails on bright frames" in failed[0].getMessage()
     assert {m.model for m in results(r, svc.keys.results)} == {"simple_cnn@v1"}
-    wait_until(lambda: json.loads(r.hget(svc.keys.models_shadow_state, f"classify|{svc.consumer}"))["state"]
-               == "failed", 10, "the failure recorded", poll=0.05)
+    wait_until(lambda: json.loads(r.hget(svc.keys.models_shadow_state, f"classify|{svc.consumer}") or "{}")
+               .get("state") == "failed", 10, "the failure recorded", poll=0.05)
     # Not loaded again until its directory changes; --off clears the record.
     time.sleep(0.5)
     assert run.shadow is None
     assert cli(svc.cfg_path, "shadow", "classify", "--off") == 0
     wait_until(lambda: r.hget(svc.keys.models_shadow_state, f"classify|{svc.consumer}") is None, 10,
                "the record cleared", poll=0.05)
+
+
+def test_the_viewer_health_page_shows_each_tasks_shadow_summed_over_workers(redis_server, r, prefix, tmp_path):
+    from services.viewer.auth import Tokens
+    from services.viewer.service import ViewerService
+    from tests.support.ports import free_port
+
+    cfg = load_config(data={"redis": {"url": redis_server.url, "prefix": prefix},
+                            "cameras": [{"id": "c1", "source": "synthetic://process", "tasks": ["classify", "detect"]}],
+                            "alerts": {"evidence_dir": str(tmp_path / "evidence")}}, environ={})
+    token = "read-" + "x" * 32
+    viewer = ViewerService(cfg, tokens=Tokens({"PLANTSIGHT_VIEWER_TOKEN": token}), port=free_port())
+    viewer._connect()
+    viewer.start_http()
+    key, now = viewer.keys.models_shadow_state, time.time()
+    base = {"task": "detect", "live": "simple_yolo@v1", "shadow": "simple_yolo@v2", "path": "/m/v2", "share": 0.25,
+            "measure": "box F1 at IoU 0.5", "state": "running"}
+    r.hset(key, mapping={
+        "detect|infer-a": json.dumps({**base, "consumer": "infer-a", "frames": 30, "mean": 0.9, "at": now}),
+        "detect|infer-b": json.dumps({**base, "consumer": "infer-b", "frames": 10, "mean": 0.5, "at": now}),
+        "detect|infer-gone": json.dumps({**base, "consumer": "infer-gone", "frames": 99, "mean": 0.0, "at": now - 600}),
+        "classify|infer-a": json.dumps({"task": "classify", "live": "simple_cnn@v1", "path": "/m/bad",
+                                        "state": "refused", "error": "ModelError: bad", "at": now})})
+    try:
+        url = f"http://127.0.0.1:{viewer.port}"
+        assert httpx.get(url + "/api/shadow", timeout=5).status_code == 401
+        rows = httpx.get(url + "/api/shadow", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+        assert [row["task"] for row in rows] == ["classify", "detect"]
+        assert rows[0]["state"] == "refused" and rows[0]["error"] == "ModelError: bad" and rows[0]["mean"] is None
+        detect = rows[1]
+        assert (detect["live"], detect["shadow"], detect["share"], detect["workers"]) == (
+            "simple_yolo@v1", "simple_yolo@v2", 0.25, 2)
+        assert detect["frames"] == 40 and detect["mean"] == pytest.approx((30 * 0.9 + 10 * 0.5) / 40)
+        page = httpx.get(url + "/health", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert page.status_code == 200 and '<table id="shadow"' in page.text
+    finally:
+        viewer.stop.set()
+        viewer.http.shutdown()

@@ -55,3 +55,22 @@ def test_every_task_has_a_measure():
     assert set(MEASURES) == set(TASKS)
     with pytest.raises(ValueError):
         compare("nope", {}, {})
+
+
+def test_infer_compares_outputs_as_published_in_original_frame_pixels():
+    from services.inference.postprocess import comparable
+    from shared.messages import Prepared
+
+    # a 64x48 frame letterboxed into 32x32 at scale 0.5 with 4 rows of padding on top
+    msg = Prepared(camera="c", seq=0, ts=0, task="segment", frame_id="1-0", shape=(32, 32, 3), dtype="uint8",
+                   data=bytes(32 * 32 * 3), orig=[48, 64], letterbox=[0.5, 0, 4])
+    live = np.zeros((32, 32), np.uint8)
+    live[4:28, :16] = 1  # the left half of the picture
+    shadow = live.copy()
+    shadow[:4] = 1  # defects found in the padding are no part of the frame: they change nothing
+    a, b = comparable("segment", {"mask": live}, msg), comparable("segment", {"mask": shadow}, msg)
+    assert a["mask"].shape == (48, 64) and compare("segment", a, b) == 1.0
+    boxes = {"boxes": [[0, 4, 16, 28, 0.9, 1]]}
+    assert comparable("detect", boxes, msg) == {"boxes": [[0.0, 0.0, 32.0, 48.0, 0.9, 1]]}
+    assert comparable("thermal", {"max_k": 351.25, "avg_k": 300.0}, msg) == {"max_k": 351.25}
+    assert comparable("classify", {"label": "normal", "index": 0}, msg) == {"label": "normal"}

@@ -170,7 +170,8 @@ async function alertPage() {
 // --- health ------------------------------------------------------------------------------
 async function healthPage() {
   const refresh = async () => {
-    const [streams, services] = await Promise.all([api("/api/streams"), api("/api/services")]);
+    const [streams, services, shadows] = await Promise.all([api("/api/streams"), api("/api/services"),
+      api("/api/shadow")]);
     document.querySelector("#streams tbody").replaceChildren(...streams.map((s) =>
       el("tr", {}, el("td", { text: s.stream }), el("td", { text: s.group || "–" }), el("td", { text: s.length }),
         el("td", { text: s.lag ?? "–" }), el("td", { text: s.pending ?? "–" }),
@@ -179,6 +180,15 @@ async function healthPage() {
       el("tr", { class: s.up && s.ready ? "ok" : "bad" }, el("td", { text: s.service }), el("td", { text: s.replica }),
         el("td", { text: s.host }), el("td", { text: s.up && s.ready ? "ready" : (s.up ? "not ready" : "silent") }),
         el("td", { text: `${s.age_s} s ago` }))));
+    document.getElementById("shadow-none").hidden = shadows.length > 0;
+    document.getElementById("shadow").hidden = shadows.length === 0;
+    document.querySelector("#shadow tbody").replaceChildren(...shadows.map((s) =>
+      el("tr", { class: s.state === "running" ? "ok" : "bad" }, el("td", { text: s.task }),
+        el("td", { text: s.live || "–" }), el("td", { text: s.shadow || s.path || "–" }),
+        el("td", { text: s.share == null ? "–" : `${(100 * s.share).toFixed(0)}%` }),
+        el("td", { text: s.state === "running" ? "running" : `${s.state}: ${s.error || ""}` }),
+        el("td", { text: s.frames }),
+        el("td", { text: s.mean == null ? "–" : `${fmtValue(s.mean)} (${s.measure})` }))));
   };
   await refresh();
   setInterval(refresh, 3000);
