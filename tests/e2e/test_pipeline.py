@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 DOCUMENTED_METRICS = ("frames_total", "frames_dropped_total", "stream_length", "consumer_lag", "consumer_pending",
                       "stage_seconds", "end_to_end_seconds", "batch_size", "inference_seconds", "camera_up",
                       "camera_reconnects_total", "camera_fps", "alerts_total", "sink_deliveries_total",
-                      "deadletter_total", "model_info", "alert_verdicts_total")
+                      "deadletter_total", "model_info", "alert_verdicts_total", "shadow_agreement",
+                      "shadow_max_k_difference_kelvin", "shadow_failures_total")
 
 FRAMES = {"classify": 6, "detect": 3, "segment": 3, "thermal": 6}
 SCENE = {"classify": "process", "detect": "equipment", "segment": "surface", "thermal": "thermal"}
