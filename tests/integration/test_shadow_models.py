@@ -237,3 +237,21 @@ def test_the_viewer_health_page_shows_each_tasks_shadow_summed_over_workers(redi
     finally:
         viewer.stop.set()
         viewer.http.shutdown()
+
+
+def test_the_shadow_commands_check_what_they_are_given(redis_server, r, prefix, tmp_path, capsys):
+    cfg_path = tmp_path / "plantsight.yaml"
+    cfg_path.write_text(yaml.safe_dump({"redis": {"url": redis_server.url, "prefix": prefix}}))
+    cand = model_dir(tmp_path / "cand", "v2", 2)
+    assert cli(cfg_path, "promote", "classify") == 1
+    assert "classify has no shadow model" in capsys.readouterr().err
+    assert cli(cfg_path, "shadow", "classify") == 2  # neither a directory nor --off
+    assert cli(cfg_path, "shadow", "classify", str(cand), "--off") == 2
+    assert cli(cfg_path, "shadow", "classify", str(cand), "--share", "0") == 2
+    assert "--share 0: give a fraction above 0, at most 1" in capsys.readouterr().err
+    assert cli(cfg_path, "shadow", "detect", str(cand)) == 1  # a classify model is no detect shadow
+    assert "holds a classify model, not a detect one" in capsys.readouterr().err
+    assert r.hget(f"{prefix}:models:shadow", "classify") is None  # nothing asked of infer by a refused command
+    assert cli(cfg_path, "shadow", "classify", str(cand), "--share", "0.5") == 0
+    asked = json.loads(r.hget(f"{prefix}:models:shadow", "classify"))
+    assert asked["path"] == str(cand.resolve()) and asked["share"] == 0.5
