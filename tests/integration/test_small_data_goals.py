@@ -2,9 +2,9 @@
 
 Each test writes 100 good + 100 defective pictures (bench/photo_defects.py, seed 0) for training and 30 + 30
 held-out pictures with another seed, trains the task's default network, and checks the held-out figure
-against the goal the small-data benchmark states. The segmenter's test runs in ``make test`` (about three
-minutes on two cores, at four epochs instead of the default ten); the classifier's default run takes about
-seven, so it is marked ``quality`` and runs with ``make test-quality``.
+against the goal the small-data benchmark states. Each trains for minutes (the segmenter about four on two cores,
+at four epochs instead of the default ten; the classifier about seven), so both are marked ``quality`` and run
+with ``make test-quality``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def _goal(task: str, tmp_path, epochs: int | None) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.quality
 @pytest.mark.timeout(900)
 def test_the_segmenter_reaches_the_dice_goal_on_photographs(tmp_path):
     r = _goal("segment", tmp_path, epochs=4)
