@@ -2,7 +2,8 @@
 
 Everything is drawn in original frame pixels, as the Result ``out`` dicts carry them (docs/wire-format.md):
 classify ``label``/``probs`` as a caption; detect ``boxes`` as outlined boxes with class and score;
-segment ``mask`` (PNG bytes, 255 = defect) as a translucent fill with its outline; thermal ``hotspots`` as
+segment ``mask`` (PNG bytes, 255 = defect) as a translucent fill with its outline, with the defect share and the
+anomaly score as a caption; thermal ``hotspots`` as
 markers with their temperature and the frame's max/avg/min.
 Thermal frames (one channel: uint16 centikelvin, or uint8 grey) are shown through the INFERNO
 colour map; zones are outlined, the alert's own zone thicker; a Grad-CAM map is blended first
@@ -124,9 +125,12 @@ def _segment(pen: _Pen, out: Mapping) -> None:
         np.copyto(roi, tinted, where=m[:, :, None].astype(bool))
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(img, contours, -1, MASK_COLOUR, _style(img.shape)[1])
-    ratio = out.get("defect_ratio")
-    if ratio is not None:
-        pen.caption(f"defect {100.0 * float(ratio):.2f} %")
+    ratio, score = out.get("defect_ratio"), out.get("score")
+    words = [f"defect {100.0 * float(ratio):.2f} %"] if ratio is not None else []
+    if score is not None:  # the frame's anomaly score: its highest defect probability
+        words.append(f"score {float(score):.2f}")
+    if words:
+        pen.caption(", ".join(words))
 
 
 def _detect(pen: _Pen, out: Mapping) -> None:
