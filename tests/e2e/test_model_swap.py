@@ -10,26 +10,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from shared.keys import Keys
-from shared.models.modeldir import default_meta, save_model_dir
-from shared.models.registry import build
 from tests.support.environment import env_without_plantsight
 from tests.support.paths import ROOT
 from tests.support.pipeline import groups_idle
+from tests.support.small_models import model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-SIZE = [32, 32]  # small frames keep the test quick; preprocess sizes them from model.json
-
-
-def model_dir(path, version: str, seed: int):
-    torch.manual_seed(seed)
-    meta = default_meta("simple_cnn")
-    meta.input_size, meta.options, meta.version = tuple(SIZE), {"input_size": SIZE}, version
-    save_model_dir(path, build("simple_cnn", input_size=SIZE), meta)
-    return path
 
 
 def deploy(up, task: str, path) -> subprocess.CompletedProcess:

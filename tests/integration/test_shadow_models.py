@@ -24,21 +24,11 @@ from services.inference.service import InferService
 from services.viewer.data import ViewerData
 from shared.config import load_config
 from shared.messages import Prepared, Result
-from shared.models.modeldir import default_meta, save_model_dir
-from shared.models.registry import build
+from shared.models.modeldir import default_meta
+from tests.support.small_models import SIZE, model_dir
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
-
-SIZE = [32, 32]  # small frames keep the networks quick
-
-
-def model_dir(path, version: str, seed: int):
-    torch.manual_seed(seed)
-    meta = default_meta("simple_cnn")
-    meta.input_size, meta.options, meta.version = tuple(SIZE), {"input_size": SIZE}, version
-    save_model_dir(path, build("simple_cnn", input_size=SIZE), meta)
-    return path
 
 
 class FailsOnBrightFrames(nn.Module):
